@@ -1,0 +1,145 @@
+"""AsyncEngine: the step loop in a background thread, an async stream of deltas per request.
+
+The event loop never runs model code: it validates, hands commands (add, abort) to the engine
+thread through a queue, and receives each step's outputs in one ``call_soon_threadsafe`` batch.
+Leaving ``generate()`` early (client gone, task cancelled) aborts the request; the abort is applied
+between two steps, so its blocks are free within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats, RequestOutput
+from engine.request import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.on_step = None  # optional callback(list[RequestOutput]) run on the event loop, e.g. metrics
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas until it finishes. Raises ValueError for bad input up front."""
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("AsyncEngine is not running; call start() inside the event loop first")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.engine.validate(prompt_token_ids, params)
+        stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._submit(_Add(request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                if isinstance(out, Exception):
+                    finished = True
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(_Abort(request_id))
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # --- engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            self._apply_commands()
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # an engine bug must not hang every client: fail what is in flight
+                logger.exception("engine step failed")
+                outputs = [self.engine.abort_request(rid) for rid in list(self.engine.requests)]
+                for out in outputs:
+                    out.finish_reason, out.error = "error", f"engine step failed: {exc}"
+            if outputs:
+                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Abort):
+                self.engine.abort_request(command.request_id)
+                continue
+            try:
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+            except ValueError as exc:
+                self._loop.call_soon_threadsafe(self._deliver, command.request_id, exc)
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out.request_id, out)
+        if self.on_step is not None:
+            self.on_step(outputs)

@@ -1,0 +1,116 @@
+"""The KV block pool: free list, reference counts and prefix caching by chained block hashes.
+
+It deals in block ids only. Requests own their block tables (lists of ids); the tensors holding
+the keys and values live in the model runner. A block whose reference count drops to zero keeps
+its hash and contents until it is handed out again, so a later request with the same prefix can
+pick it back up; the free list is in LRU order, so the least recently freed block goes first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+
+def hash_block(parent: int | None, token_ids: Sequence[int]) -> int:
+    """Chained hash: a block's identity includes everything before it."""
+    return hash((parent, tuple(token_ids)))
+
+
+def num_kv_blocks(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                  block_size: int, dtype_bytes: int) -> int:
+    """How many blocks of K and V for every layer fit into ``memory_bytes``."""
+    bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes
+    return memory_bytes // bytes_per_block
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_queries = 0  # tokens looked up
+        self.prefix_hits = 0  # tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests (cached-but-free blocks count as free)."""
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Cached blocks matching the longest full-block prefix of ``token_ids``.
+
+        The last token is never covered: its logits must be computed to sample the next token.
+        """
+        hits: list[int] = []
+        if self.enable_prefix_caching:
+            parent = None
+            for start in range(0, len(token_ids) - 1 - self.block_size + 1, self.block_size):
+                parent = hash_block(parent, token_ids[start:start + self.block_size])
+                block = self.cached.get(parent)
+                if block is None:
+                    break
+                hits.append(block)
+        self.prefix_queries += len(token_ids)
+        self.prefix_hits += len(hits) * self.block_size
+        return hits
+
+    def allocate(self, block_table: list[int], num_tokens: int, cached_prefix: Sequence[int] = ()) -> bool:
+        """Grow ``block_table`` (in place) to hold ``num_tokens`` slots, reusing ``cached_prefix`` first.
+
+        Returns False, changing nothing, when there are not enough free blocks.
+        """
+        num_new = self.blocks_needed(num_tokens) - len(block_table) - len(cached_prefix)
+        revived = sum(1 for b in cached_prefix if self.ref_counts[b] == 0)
+        if max(num_new, 0) + revived > len(self.free):
+            return False
+        for block in cached_prefix:
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+            block_table.append(block)
+        for _ in range(num_new):
+            block, _ = self.free.popitem(last=False)
+            old_hash = self.block_hash[block]
+            if old_hash is not None:
+                if self.cached.get(old_hash) == block:
+                    del self.cached[old_hash]
+                self.block_hash[block] = None
+            self.ref_counts[block] = 1
+            block_table.append(block)
+        return True
+
+    def cache_full_blocks(self, block_table: list[int], block_hashes: list[int],
+                          token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Register the hashes of blocks whose KV is now fully computed (extends ``block_hashes``)."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = num_computed_tokens // self.block_size
+        for i in range(len(block_hashes), num_full):
+            parent = block_hashes[-1] if block_hashes else None
+            h = hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
+            block_hashes.append(h)
+            block = block_table[i]
+            if self.block_hash[block] is None and h not in self.cached:
+                self.block_hash[block] = h
+                self.cached[h] = block
+
+    def free_blocks(self, block_table: list[int]) -> None:
+        """Drop one reference to each block; tail blocks go to the free list first so they are evicted first."""
+        for block in reversed(block_table):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        block_table.clear()

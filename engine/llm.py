@@ -1,0 +1,61 @@
+"""LLM: the offline, vLLM-shaped entry point (``LLM(model).generate(prompts, params)``)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import GenerationOutput, RequestOutput
+from engine.request import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto", device: str = "auto",
+                 load_format: str = "auto", max_model_len: int | None = None, kv_cache_memory: int | str = "2GiB",
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
+                 seed: int = 0, block_size: int = 16, attention_backend: str = "auto"):
+        self.engine = LLMEngine(EngineConfig(
+            model=model, tokenizer=tokenizer, dtype=dtype, device=device, load_format=load_format,
+            max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            seed=seed, block_size=block_size, attention_backend=attention_backend))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: str | Sequence[str] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[GenerationOutput]:
+        """Run every prompt to completion in one continuous batch; outputs come back in input order."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompts and prompt_token_ids")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts: list[str | None] = list(prompts) if prompts is not None else [None] * len(prompt_token_ids)
+        token_ids = [self.tokenizer.encode(p) for p in prompts] if prompts is not None else [list(p) for p in prompt_token_ids]
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(token_ids)
+        if len(params_list) != len(token_ids):
+            raise ValueError(f"sampling_params: got {len(params_list)} for {len(token_ids)} prompts")
+        for ids, p in zip(token_ids, params_list):  # reject bad input before anything runs
+            self.engine.validate(ids, p)
+        request_ids = [f"llm-{next(self._ids)}" for _ in token_ids]
+        for rid, ids, p in zip(request_ids, token_ids, params_list):
+            self.engine.add_request(rid, ids, p)
+        deltas: dict[str, list[RequestOutput]] = {rid: [] for rid in request_ids}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                deltas[out.request_id].append(out)
+        return [merge_deltas(rid, text, ids, deltas[rid]) for rid, text, ids in zip(request_ids, texts, token_ids)]
+
+
+def merge_deltas(request_id: str, prompt: str | None, prompt_ids: list[int], deltas: list[RequestOutput]) -> GenerationOutput:
+    last = deltas[-1]
+    logprobs = [lp for d in deltas for lp in (d.new_logprobs or [])]
+    return GenerationOutput(
+        request_id=request_id, prompt=prompt, prompt_token_ids=prompt_ids,
+        text="".join(d.new_text for d in deltas), token_ids=[t for d in deltas for t in d.new_token_ids],
+        finish_reason=last.finish_reason, stop_reason=last.stop_reason,
+        logprobs=logprobs if any(d.new_logprobs for d in deltas) else None,
+        cumulative_logprob=last.cumulative_logprob, num_cached_tokens=last.num_cached_tokens)

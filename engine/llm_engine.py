@@ -1,0 +1,194 @@
+"""LLMEngine.step(): schedule -> run -> sample -> update requests -> output deltas.
+
+Synchronous and deterministic: tests drive it directly; AsyncEngine runs it in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from engine.attention import get_backend
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import KVCacheManager, num_kv_blocks
+from engine.model_runner import ModelRunner
+from engine.models.loader import load_config, load_model
+from engine.outputs import EngineStats, RequestOutput, SchedulerOutput
+from engine.request import Request, SamplingParams
+from engine.sampler import Sampler
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def eos_token_ids(model_path: str, tokenizer, hf_config) -> set[int]:
+    """EOS ids from generation_config.json (may be a list), else the config's, else the tokenizer's."""
+    ids: object = None
+    try:
+        ids = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        pass
+    if ids is None:
+        ids = getattr(hf_config, "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {ids}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.hf_config = load_config(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.eos_token_ids = eos_token_ids(config.model, self.tokenizer, self.hf_config)
+        self.vocab_size = self.hf_config.vocab_size
+        backend = get_backend(config.attention_backend, config.torch_device)
+        self.model = load_model(config.model, backend, config.torch_dtype, config.torch_device,
+                                config.load_format, config.seed, self.hf_config)
+        head_dim = self.model.model.layers[0].self_attn.head_dim
+        num_blocks = num_kv_blocks(config.kv_cache_bytes, self.hf_config.num_hidden_layers,
+                                   self.hf_config.num_key_value_heads, head_dim, config.block_size,
+                                   torch.finfo(config.torch_dtype).bits // 8)
+        capacity = num_blocks * config.block_size
+        self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
+        if self.max_model_len > self.hf_config.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{self.hf_config.max_position_embeddings}")
+        if capacity < self.max_model_len:
+            if config.max_model_len:
+                raise ValueError(f"kv_cache_memory holds {capacity} tokens, fewer than max_model_len "
+                                 f"{self.max_model_len}; raise kv_cache_memory or lower max_model_len")
+            self.max_model_len = capacity
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, backend, num_blocks, config.block_size, config.torch_dtype,
+                                  config.torch_device)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d; dtype %s; device %s",
+                    num_blocks, config.block_size, capacity, self.max_model_len, config.torch_dtype,
+                    config.torch_device)
+
+    # --- requests -------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the parameter for anything this engine cannot serve."""
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids contains ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(prompt_token_ids)} tokens, the context (max_model_len) is "
+                             f"{self.max_model_len}; shorten the prompt")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens: prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"exceeds the context (max_model_len) of {self.max_model_len} tokens")
+        bad_bias = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad_bias:
+            raise ValueError(f"logit_bias has token ids outside the vocabulary: {bad_bias[:5]}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, arrival)
+        self.requests[request_id] = req
+        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+        self.scheduler.add(req)
+        self.prompt_tokens_total += len(prompt_token_ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks now; unknown ids are ignored."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish(req, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        now = time.monotonic()
+        for item in sched.scheduled:
+            if item.request.times.first_scheduled is None:
+                item.request.times.first_scheduled = now
+        try:
+            logits = self.runner.execute(sched)
+        except Exception as exc:  # a failed forward ends the requests in it; the engine goes on
+            logger.exception("model forward failed")
+            return [self._finish(item.request, "error", error=f"model forward failed: {exc}") for item in sched.scheduled]
+        sampling = [item.request for item in sched.scheduled if item.samples]
+        self.scheduler.update(sched)
+        outputs: list[RequestOutput] = []
+        if sampling:
+            result = self.sampler(logits, sampling)
+            now = time.monotonic()
+            for req, token, logprob in zip(sampling, result.token_ids, result.logprobs):
+                try:
+                    outputs.append(self._append_token(req, token, logprob, now))
+                except Exception as exc:  # one request's failure stays that request's
+                    logger.exception("request %s failed", req.request_id)
+                    outputs.append(self._finish(req, "error", error=str(exc)))
+        return outputs
+
+    def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
+        req.token_ids.append(token)
+        self.generation_tokens_total += 1
+        if req.times.first_token is None:
+            req.times.first_token = now
+        req.times.last_token = now
+        if logprob is not None:
+            req.cumulative_logprob += logprob.logprob
+        detok = self.detokenizers[req.request_id]
+        finish_reason, stop_reason = None, None
+        if token in req.stop_token_ids:
+            finish_reason, stop_reason = "stop", token
+        else:
+            detok.add_token(token)
+            if detok.stop_string is not None:
+                finish_reason, stop_reason = "stop", detok.stop_string
+            elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+                finish_reason = "length"
+        if finish_reason is not None:
+            return self._finish(req, finish_reason, stop_reason, [token], [logprob] if logprob else None)
+        return self._output(req, [token], detok.take(False), [logprob] if logprob else None)
+
+    def _finish(self, req: Request, reason: str, stop_reason=None, new_tokens: list[int] | None = None,
+                new_logprobs=None, error: str | None = None) -> RequestOutput:
+        self.scheduler.finish(req)
+        req.finish_reason = reason
+        req.times.finished = time.monotonic()
+        detok = self.detokenizers.pop(req.request_id)
+        del self.requests[req.request_id]
+        out = self._output(req, new_tokens or [], detok.take(True), new_logprobs)
+        out.finished, out.finish_reason, out.stop_reason, out.error = True, reason, stop_reason, error
+        return out
+
+    @staticmethod
+    def _output(req: Request, tokens: list[int], text: str, logprobs) -> RequestOutput:
+        return RequestOutput(request_id=req.request_id, new_token_ids=tokens, new_text=text, finished=False,
+                             new_logprobs=logprobs, num_prompt_tokens=req.num_prompt_tokens,
+                             num_cached_tokens=req.num_cached_tokens, num_output_tokens=req.num_output_tokens,
+                             cumulative_logprob=req.cumulative_logprob, times=req.times)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                           num_free_blocks=self.kv.num_free_blocks, num_blocks=self.kv.num_blocks,
+                           kv_cache_usage=self.kv.usage, prefix_cache_queries=self.kv.prefix_queries,
+                           prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
+                           prompt_tokens=self.prompt_tokens_total, generation_tokens=self.generation_tokens_total)

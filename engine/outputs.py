@@ -1,0 +1,88 @@
+"""Typed messages between the layers: scheduler -> runner -> engine -> callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.request import Request, RequestTimes
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last known token, so a new one is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+@dataclass
+class TokenLogprob:
+    """The sampled token's log-probability and the top-N alternatives (token id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class RequestOutput:
+    """A delta for one request from one engine step: what is new since the last delta."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    new_logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    cumulative_logprob: float = 0.0
+    times: RequestTimes | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """The whole result of one prompt, as ``LLM.generate`` returns it."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None
+    logprobs: list[TokenLogprob] | None
+    cumulative_logprob: float
+    num_cached_tokens: int
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges the server exports as metrics."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int

@@ -1,0 +1,134 @@
+"""Batched sampling with per-request parameters in one set of tensor ops.
+
+Order: logit bias -> penalties -> (greedy rows: argmax) -> temperature -> top-k -> top-p -> min-p ->
+draw. Draws use the exponential race (argmax of p / E with E ~ Exp(1)), which samples exactly from
+p; a request with a seed draws E from its own generator, so its output does not depend on which
+other requests share the batch. Logprobs are those of the model's raw distribution (as vLLM's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.outputs import TokenLogprob
+from engine.request import Request
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+def apply_logit_bias(logits: torch.Tensor, reqs: list[Request]) -> None:
+    for row, req in enumerate(reqs):
+        if req.params.logit_bias:
+            ids = torch.tensor(list(req.params.logit_bias), device=logits.device)
+            logits[row, ids] += torch.tensor(list(req.params.logit_bias.values()), device=logits.device)
+
+
+def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
+    """OpenAI presence/frequency penalties over output tokens; HF-style repetition penalty over
+    prompt and output tokens (positive logits divided by it, negative ones multiplied)."""
+    device = logits.device
+    counts = torch.zeros_like(logits)
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    for row, req in enumerate(reqs):
+        if req.params.has_penalties:
+            out = torch.tensor(req.output_token_ids, dtype=torch.long, device=device)
+            counts[row].index_add_(0, out, torch.ones(len(out), device=device))
+            seen[row, torch.tensor(req.token_ids, dtype=torch.long, device=device)] = True
+    tensor = lambda name: torch.tensor([getattr(r.params, name) for r in reqs], device=device)[:, None]  # noqa: E731
+    rep = tensor("repetition_penalty")
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits.copy_(torch.where(seen, penalised, logits))
+    logits -= tensor("frequency_penalty") * counts + tensor("presence_penalty") * (counts > 0)
+
+
+def top_k_mask(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep the k largest logits per row (ties with the k-th included); k <= 0 keeps all."""
+    vocab = logits.shape[1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (renormalised)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop_sorted = mass_before >= top_p[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def min_p_mask(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely one (renormalised)."""
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def processed_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """The distribution a (non-greedy) request samples from: temperature, top-k, top-p, min-p."""
+    device = logits.device
+    temps = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=device)
+    logits = logits / temps[:, None]
+    if any(r.params.top_k > 0 for r in reqs):
+        logits = top_k_mask(logits, torch.tensor([r.params.top_k for r in reqs], device=device))
+    probs = logits.softmax(dim=-1)
+    if any(r.params.top_p < 1 for r in reqs):
+        probs = top_p_mask(probs, torch.tensor([r.params.top_p for r in reqs], device=device))
+    if any(r.params.min_p > 0 for r in reqs):
+        probs = min_p_mask(probs, torch.tensor([r.params.min_p for r in reqs], device=device))
+    return probs
+
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def exponential_noise(self, shape: tuple[int, int], reqs: list[Request], device: torch.device) -> torch.Tensor:
+        noise = torch.empty(shape).exponential_(generator=self.generator)
+        for row, req in enumerate(reqs):
+            if req.generator is not None:
+                noise[row].exponential_(generator=req.generator)
+        # exponential_ can return exactly 0, which would turn a zero-probability token into 0/0 = NaN.
+        return noise.clamp_(min=1e-20).to(device)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+        raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
+        if any(r.params.logit_bias for r in reqs):
+            apply_logit_bias(logits, reqs)
+        if any(r.params.has_penalties for r in reqs):
+            apply_penalties(logits, reqs)
+        tokens = logits.argmax(dim=-1)
+        if not all(r.params.greedy for r in reqs):
+            probs = processed_probs(logits, reqs)
+            drawn = (probs / self.exponential_noise(probs.shape, reqs, probs.device)).argmax(dim=-1)
+            greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
+            tokens = torch.where(greedy, tokens, drawn)
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, self._logprobs(raw_logprobs, tokens, reqs))
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor | None, tokens: torch.Tensor, reqs: list[Request]) -> list[TokenLogprob | None]:
+        if raw is None:
+            return [None] * len(reqs)
+        chosen = raw.gather(1, tokens[:, None]).squeeze(1).tolist()
+        max_n = max(r.params.logprobs or 0 for r in reqs)
+        top_vals, top_ids = (raw.topk(max_n, dim=-1) if max_n else (None, None))
+        out: list[TokenLogprob | None] = []
+        for row, req in enumerate(reqs):
+            n = req.params.logprobs
+            if n is None:
+                out.append(None)
+                continue
+            top = dict(zip(top_ids[row, :n].tolist(), top_vals[row, :n].tolist())) if n else {}
+            out.append(TokenLogprob(int(tokens[row]), chosen[row], top))
+        return out

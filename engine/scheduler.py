@@ -1,0 +1,94 @@
+"""Continuous batching with one token budget and no prefill/decode phases.
+
+Each step, every request's ``num_computed_tokens`` catches up with its ``num_tokens`` as far as the
+budget allows: a decoding request needs one token, a prompt needs many and may be split into
+chunks across steps (chunked prefill), so prefills and decodes share a step. Running requests go
+first, in arrival order; then waiting ones are admitted while budget, sequence slots and blocks last.
+When blocks run out, the most recently admitted running request is preempted: its blocks are
+freed and it goes back to the front of the queue to be recomputed later (its cached prefix blocks
+usually survive, so the recompute is cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.kv_cache import KVCacheManager
+from engine.outputs import ScheduledRequest, SchedulerOutput
+from engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        out = SchedulerOutput(scheduled=[])
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req.block_table, req.num_computed_tokens + num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, num_new))
+                budget -= num_new
+                i += 1
+        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.kv.find_cached_prefix(req.token_ids) if req.num_computed_tokens == 0 else []
+            num_computed = len(cached) * self.kv.block_size
+            num_new = min(req.num_tokens - num_computed, budget)
+            if not self.kv.allocate(req.block_table, num_computed + num_new, cached):
+                self.kv.prefix_queries -= req.num_tokens  # not admitted: this lookup did not count
+                self.kv.prefix_hits -= num_computed
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_computed
+            if req.times.first_scheduled is None:
+                req.num_cached_tokens = num_computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new))
+            budget -= num_new
+        return out
+
+    def update(self, sched: SchedulerOutput) -> None:
+        """After the forward pass: the scheduled tokens' KV is in the cache."""
+        for item in sched.scheduled:
+            req = item.request
+            req.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_full_blocks(req.block_table, req.block_hashes, req.token_ids, req.num_computed_tokens)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request from wherever it is and free its blocks at once."""
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status == RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        self.kv.free_blocks(req.block_table)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free_blocks(req.block_table)
+        req.block_hashes.clear()
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
