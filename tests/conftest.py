@@ -1,0 +1,63 @@
+"""Shared fixtures: real tokenizers from ../shared/models and tiny random-weight HF models built on them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+SHARED_MODELS = Path(os.environ.get("KVSERVE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "models"
+STORIES = SHARED_MODELS / "stories260K"
+
+# model_type -> (tokenizer folder, extra config): small enough to build in a second, big enough for
+# GQA (4 query heads over 2 KV heads) and for several KV blocks per sequence.
+TINY = {
+    "llama": (STORIES, dict(tie_word_embeddings=False)),
+    "qwen2": (SHARED_MODELS / "qwen2.5-tokenizer", dict(tie_word_embeddings=True)),
+    "mistral": (SHARED_MODELS / "gpt2-tokenizer", dict(tie_word_embeddings=False, sliding_window=None)),
+}
+
+
+def build_tiny_model(model_type: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A random-weight HF model saved with its real tokenizer; large init std so greedy choices are
+    decided by clear margins, not by rounding noise."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer_dir, extra = TINY[model_type]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    base = AutoConfig.from_pretrained(tokenizer_dir) if (tokenizer_dir / "config.json").exists() else None
+    vocab = base.vocab_size if base is not None and base.model_type == model_type else len(tokenizer)
+    settings = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                    initializer_range=0.5, rms_norm_eps=1e-6,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    settings.update(extra)
+    settings.update(overrides)
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if (tokenizer_dir / "generation_config.json").exists() and model_type != "llama":
+        shutil.copy(tokenizer_dir / "generation_config.json", out_dir / "generation_config.json")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model("qwen2") -> path of a saved tiny model (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in cache:
+            cache[model_type] = build_tiny_model(model_type, tmp_path_factory.mktemp(f"tiny-{model_type}"))
+        return cache[model_type]
+
+    return get
