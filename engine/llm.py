@@ -58,4 +58,5 @@ def merge_deltas(request_id: str, prompt: str | None, prompt_ids: list[int], del
         text="".join(d.new_text for d in deltas), token_ids=[t for d in deltas for t in d.new_token_ids],
         finish_reason=last.finish_reason, stop_reason=last.stop_reason,
         logprobs=logprobs if any(d.new_logprobs for d in deltas) else None,
+        prompt_logprobs=deltas[0].prompt_logprobs,
         cumulative_logprob=last.cumulative_logprob, num_cached_tokens=last.num_cached_tokens)

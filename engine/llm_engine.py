@@ -19,7 +19,7 @@ from engine.model_runner import ModelRunner
 from engine.models.loader import load_config, load_model
 from engine.outputs import EngineStats, RequestOutput, SchedulerOutput
 from engine.request import Request, SamplingParams
-from engine.sampler import Sampler
+from engine.sampler import Sampler, token_logprobs
 from engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -128,23 +128,33 @@ class LLMEngine:
             if item.request.times.first_scheduled is None:
                 item.request.times.first_scheduled = now
         try:
-            logits = self.runner.execute(sched)
+            result = self.runner.execute(sched)
         except Exception as exc:  # a failed forward ends the requests in it; the engine goes on
             logger.exception("model forward failed")
             return [self._finish(item.request, "error", error=f"model forward failed: {exc}") for item in sched.scheduled]
         sampling = [item.request for item in sched.scheduled if item.samples]
+        for item in sched.scheduled:
+            if item.request.request_id in result.prompt_logits:
+                self._record_prompt_logprobs(item.request, *result.prompt_logits[item.request.request_id])
         self.scheduler.update(sched)
         outputs: list[RequestOutput] = []
         if sampling:
-            result = self.sampler(logits, sampling)
+            sampled = self.sampler(result.logits, sampling)
             now = time.monotonic()
-            for req, token, logprob in zip(sampling, result.token_ids, result.logprobs):
+            for req, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
                 try:
                     outputs.append(self._append_token(req, token, logprob, now))
                 except Exception as exc:  # one request's failure stays that request's
                     logger.exception("request %s failed", req.request_id)
                     outputs.append(self._finish(req, "error", error=str(exc)))
         return outputs
+
+    @staticmethod
+    def _record_prompt_logprobs(req: Request, first: int, logits: torch.Tensor) -> None:
+        """Logits at positions first.. score prompt tokens first+1..; recomputes after preemption overwrite."""
+        targets = torch.tensor(req.token_ids[first + 1:first + 1 + len(logits)], device=logits.device)
+        rows = token_logprobs(logits.log_softmax(dim=-1), targets, [req.params.prompt_logprobs] * len(logits))
+        req.prompt_logprobs[first + 1:first + 1 + len(rows)] = rows
 
     def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
         req.token_ids.append(token)
@@ -181,8 +191,10 @@ class LLMEngine:
 
     @staticmethod
     def _output(req: Request, tokens: list[int], text: str, logprobs) -> RequestOutput:
+        first = req.num_output_tokens <= len(tokens)
         return RequestOutput(request_id=req.request_id, new_token_ids=tokens, new_text=text, finished=False,
-                             new_logprobs=logprobs, num_prompt_tokens=req.num_prompt_tokens,
+                             new_logprobs=logprobs, prompt_logprobs=req.prompt_logprobs if first else None,
+                             num_prompt_tokens=req.num_prompt_tokens,
                              num_cached_tokens=req.num_cached_tokens, num_output_tokens=req.num_output_tokens,
                              cumulative_logprob=req.cumulative_logprob, times=req.times)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.outputs import SchedulerOutput
+from engine.outputs import RunnerOutput, SchedulerOutput
 
 
 class ModelRunner:
@@ -59,8 +59,14 @@ class ModelRunner:
         return to_tensor(input_ids), positions_t, self.backend.build_metadata(meta), to_tensor(sample_rows)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run one step; returns float32 logits [num_sampling_requests, vocab] in scheduled order."""
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step; logits for the rows that sample, plus prompt rows whose logprobs were asked for."""
         input_ids, positions, meta, sample_rows = self.prepare(sched)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[sample_rows])
+        out = RunnerOutput(self.model.compute_logits(hidden[sample_rows]))
+        for item, row in zip(sched.scheduled, meta.query_start):
+            req, start = item.request, item.request.num_computed_tokens
+            end = min(start + item.num_new_tokens, req.num_prompt_tokens - 1)  # position p predicts token p + 1
+            if req.prompt_logprobs is not None and start < end:
+                out.prompt_logits[req.request_id] = (start, self.model.compute_logits(hidden[row:row + end - start]))
+        return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.request import Request, RequestTimes
 
 
@@ -29,6 +31,15 @@ class SchedulerOutput:
 
 
 @dataclass
+class RunnerOutput:
+    """Float32 logits of the rows to sample (in scheduled order), and of the prompt positions whose
+    logprobs were asked for: request id -> (first position, [n, vocab])."""
+
+    logits: torch.Tensor
+    prompt_logits: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
 class TokenLogprob:
     """The sampled token's log-probability and the top-N alternatives (token id -> logprob)."""
 
@@ -48,6 +59,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     new_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first delta, when asked for
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
@@ -68,6 +80,7 @@ class GenerationOutput:
     finish_reason: str | None
     stop_reason: str | int | None
     logprobs: list[TokenLogprob] | None
+    prompt_logprobs: list[TokenLogprob | None] | None
     cumulative_logprob: float
     num_cached_tokens: int
 

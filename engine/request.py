@@ -34,6 +34,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; N: plus the top N alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (for echo)
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -51,6 +52,8 @@ class SamplingParams:
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
         _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0", self.repetition_penalty)
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be in [0, {MAX_LOGPROBS}]", self.logprobs)
+        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+               f"must be in [0, {MAX_LOGPROBS}]", self.prompt_logprobs)
         _check(all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]", self.logit_bias)
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer", self.seed)
 
@@ -106,6 +109,8 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
         self.cumulative_logprob = 0.0
+        # prompt_logprobs[i]: how likely prompt token i was given the ones before (None for i = 0)
+        self.prompt_logprobs: list | None = [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
         self.times = RequestTimes() if arrival is None else RequestTimes(arrival=arrival)
         self.generator: torch.Generator | None = None
         if params.seed is not None:

@@ -89,6 +89,21 @@ def processed_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return probs
 
 
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, top_n: list[int | None]) -> list[TokenLogprob | None]:
+    """Row i: the logprob of tokens[i] and the top_n[i] most likely alternatives (None: not asked for)."""
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    max_n = max((n or 0) for n in top_n)
+    top_vals, top_ids = logprobs.topk(max_n, dim=-1) if max_n else (None, None)
+    out: list[TokenLogprob | None] = []
+    for row, n in enumerate(top_n):
+        if n is None:
+            out.append(None)
+            continue
+        top = dict(zip(top_ids[row, :n].tolist(), top_vals[row, :n].tolist())) if n else {}
+        out.append(TokenLogprob(int(tokens[row]), chosen[row], top))
+    return out
+
+
 class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
@@ -114,21 +129,6 @@ class Sampler:
             greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
             tokens = torch.where(greedy, tokens, drawn)
         token_list = tokens.tolist()
-        return SamplerOutput(token_list, self._logprobs(raw_logprobs, tokens, reqs))
-
-    @staticmethod
-    def _logprobs(raw: torch.Tensor | None, tokens: torch.Tensor, reqs: list[Request]) -> list[TokenLogprob | None]:
-        if raw is None:
-            return [None] * len(reqs)
-        chosen = raw.gather(1, tokens[:, None]).squeeze(1).tolist()
-        max_n = max(r.params.logprobs or 0 for r in reqs)
-        top_vals, top_ids = (raw.topk(max_n, dim=-1) if max_n else (None, None))
-        out: list[TokenLogprob | None] = []
-        for row, req in enumerate(reqs):
-            n = req.params.logprobs
-            if n is None:
-                out.append(None)
-                continue
-            top = dict(zip(top_ids[row, :n].tolist(), top_vals[row, :n].tolist())) if n else {}
-            out.append(TokenLogprob(int(tokens[row]), chosen[row], top))
-        return out
+        if raw_logprobs is None:
+            return SamplerOutput(token_list, [None] * len(reqs))
+        return SamplerOutput(token_list, token_logprobs(raw_logprobs, tokens, [r.params.logprobs for r in reqs]))

@@ -52,7 +52,8 @@ class Scheduler:
                 i += 1
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            cached = self.kv.find_cached_prefix(req.token_ids) if req.num_computed_tokens == 0 else []
+            # Prompt logprobs need every prompt position computed, so such requests skip the cache.
+            cached = [] if req.prompt_logprobs is not None else self.kv.find_cached_prefix(req.token_ids)
             num_computed = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_computed, budget)
             if not self.kv.allocate(req.block_table, num_computed + num_new, cached):
