@@ -17,7 +17,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager, num_kv_blocks
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_config, load_model
-from engine.outputs import EngineStats, RequestOutput, SchedulerOutput
+from engine.outputs import EngineStats, RequestOutput, ScheduledRequest, SchedulerOutput
 from engine.request import Request, SamplingParams
 from engine.sampler import Sampler, token_logprobs
 from engine.scheduler import Scheduler
@@ -69,15 +69,31 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, backend, num_blocks, config.block_size, config.torch_dtype,
-                                  config.torch_device)
+                                  config.torch_device, compile_decode=config.compile)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        if config.compile:
+            self._warm_up_decode()
         logger.info("KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d; dtype %s; device %s",
                     num_blocks, config.block_size, capacity, self.max_model_len, config.torch_dtype,
                     config.torch_device)
+
+    def _warm_up_decode(self) -> None:
+        """Compile the decode graphs (batch 1, which torch specialises, and batch > 1) before serving.
+        The context spans two blocks so that no block-count dimension is specialised to 1 either."""
+        logger.info("compiling the decode step (torch.compile); this takes a minute or two on CPU")
+        context = self.config.block_size + 1
+        for batch in (1, 2):
+            reqs = [Request(f"warm-up-{i}", [0] * context, SamplingParams(), set()) for i in range(batch)]
+            for req in reqs:
+                self.kv.allocate(req.block_table, context)
+                req.num_computed_tokens = context - 1
+            self.runner.execute(SchedulerOutput([ScheduledRequest(req, 1) for req in reqs]))
+            for req in reqs:
+                self.kv.free_blocks(req.block_table)
 
     # --- requests -------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -15,9 +15,12 @@ from engine.outputs import RunnerOutput, SchedulerOutput
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, backend, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, compile_decode: bool = False):
         config = model.config
         self.model = model
+        # Pure-decode steps have one graph shape (up to the batch size and context, kept symbolic);
+        # steps with prefill chunks vary too much and run eagerly.
+        self.decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
         self.backend = backend
         self.block_size = block_size
         self.device = device
@@ -62,7 +65,9 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run one step; logits for the rows that sample, plus prompt rows whose logprobs were asked for."""
         input_ids, positions, meta, sample_rows = self.prepare(sched)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        decode_only = len(input_ids) == len(sched.scheduled)
+        forward = self.decode_forward if decode_only else self.model.forward
+        hidden = forward(input_ids, positions, self.kv_caches, meta)
         out = RunnerOutput(self.model.compute_logits(hidden[sample_rows]))
         for item, row in zip(sched.scheduled, meta.query_start):
             req, start = item.request, item.request.num_computed_tokens

@@ -1,8 +1,9 @@
 """The CPU backend: PyTorch SDPA over each sequence's K/V gathered from the paged cache.
 
-Decoding sequences (one query each) are gathered into one padded batch and served by a single SDPA
-call per layer; prefill chunks (with or without a cached prefix) get one call each. The gather
-indices and masks are built once per step and shared by all layers.
+K/V are gathered by whole blocks (one contiguous copy per block, not per token), positions past a
+sequence's context are masked. Decoding sequences (one query each) are gathered into one padded
+batch served by a single SDPA call per layer; prefill chunks (with or without a cached prefix) get
+one call each. Block lists and masks are built once per step and shared by all layers.
 """
 
 from __future__ import annotations
@@ -12,22 +13,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, context_slots, visible
+from engine.attention import AttentionMetadata, visible
 
 
 @dataclass
 class _Decode:
-    token_index: torch.Tensor  # [b] rows of the flat batch
-    slots: torch.Tensor  # [b, max_ctx] cache slots, padded
-    mask: torch.Tensor  # [b, 1, 1, max_ctx]
+    token_index: torch.Tensor | None  # [b] rows of the flat batch; None when every row decodes
+    blocks: torch.Tensor  # [b * max_blocks] block ids, padded
+    mask: torch.Tensor  # [b, 1, 1, max_blocks * block_size]
 
 
 @dataclass
 class _Prefill:
     start: int
     end: int
-    slots: torch.Tensor  # [ctx]
-    mask: torch.Tensor | None  # [n, ctx]; None means plain causal over the chunk itself
+    blocks: torch.Tensor  # [num_blocks] of this sequence
+    mask: torch.Tensor | None  # [n, num_blocks * block_size]; None: plain causal over the chunk itself
 
 
 @dataclass
@@ -38,48 +39,60 @@ class _SdpaPlan:
 
 class SdpaBackend:
     def build_metadata(self, meta: AttentionMetadata) -> AttentionMetadata:
-        device = meta.slot_mapping.device
-        decode_rows = [i for i in range(len(meta.context_lens)) if meta.query_start[i + 1] - meta.query_start[i] == 1]
+        device, bs = meta.slot_mapping.device, meta.block_size
+        num_new = [meta.query_start[i + 1] - meta.query_start[i] for i in range(len(meta.context_lens))]
+        decode_rows = [i for i, n in enumerate(num_new) if n == 1]
         decode = None
         if decode_rows:
             ctx = torch.tensor([meta.context_lens[i] for i in decode_rows], device=device)
-            positions = torch.arange(int(ctx.max()), device=device)
-            tables = meta.block_tables[decode_rows]
-            slots = tables[:, positions // meta.block_size] * meta.block_size + positions % meta.block_size
-            mask = visible((ctx - 1)[:, None], positions[None, :], meta.sliding_window)
-            token_index = torch.tensor([meta.query_start[i] for i in decode_rows], device=device)
-            decode = _Decode(token_index, slots, mask[:, None, None, :])
+            num_blocks = -(-int(ctx.max()) // bs)
+            key_pos = torch.arange(num_blocks * bs, device=device)
+            mask = visible((ctx - 1)[:, None], key_pos[None, :], meta.sliding_window) & (key_pos[None, :] < ctx[:, None])
+            token_index = None
+            if len(decode_rows) < len(num_new):
+                token_index = torch.tensor([meta.query_start[i] for i in decode_rows], device=device)
+            blocks = meta.block_tables[decode_rows, :num_blocks].flatten()
+            decode = _Decode(token_index, blocks, mask[:, None, None, :])
         prefills = []
-        for i, ctx in enumerate(meta.context_lens):
-            start, end = meta.query_start[i], meta.query_start[i + 1]
-            if end - start == 1:
+        for i, (ctx, n) in enumerate(zip(meta.context_lens, num_new)):
+            if n == 1:
                 continue
-            slots = context_slots(meta.block_tables[i], ctx, meta.block_size)
+            num_blocks = -(-ctx // bs)
             mask = None
-            if ctx != end - start or meta.sliding_window is not None:
-                query_pos = torch.arange(ctx - (end - start), ctx, device=device)
-                mask = visible(query_pos[:, None], torch.arange(ctx, device=device)[None, :], meta.sliding_window)
-            prefills.append(_Prefill(start, end, slots, mask))
+            if ctx != n or meta.sliding_window is not None or ctx % bs:
+                query_pos = torch.arange(ctx - n, ctx, device=device)
+                key_pos = torch.arange(num_blocks * bs, device=device)
+                mask = visible(query_pos[:, None], key_pos[None, :], meta.sliding_window)
+            prefills.append(_Prefill(meta.query_start[i], meta.query_start[i + 1], meta.block_tables[i, :num_blocks], mask))
         meta.backend_data = _SdpaPlan(decode, prefills)
         return meta
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         plan: _SdpaPlan = meta.backend_data
-        k_flat, v_flat = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+        _, bs, kv_heads, head_dim = k_cache.shape
+        # CPUs without bf16/fp16 arithmetic run SDPA much faster in float32 (the upcast copies are small).
+        compute = torch.float32 if q.device.type == "cpu" else q.dtype
         out = torch.empty_like(q)
         if plan.decode is not None:
             d = plan.decode
-            qd = q[d.token_index].unsqueeze(2)  # [b, heads, 1, d]
-            kd = k_flat[d.slots].transpose(1, 2)  # [b, kv_heads, ctx, d]
-            vd = v_flat[d.slots].transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=meta.scale, enable_gqa=True)
-            out[d.token_index] = od.squeeze(2)
+            b = d.mask.shape[0]
+            kd = k_cache.index_select(0, d.blocks).view(b, -1, kv_heads, head_dim).transpose(1, 2).to(compute)
+            vd = v_cache.index_select(0, d.blocks).view(b, -1, kv_heads, head_dim).transpose(1, 2).to(compute)
+            qd = q if d.token_index is None else q.index_select(0, d.token_index)
+            od = F.scaled_dot_product_attention(qd.unsqueeze(2).to(compute), kd, vd, attn_mask=d.mask, scale=meta.scale,
+                                                enable_gqa=True).squeeze(2).to(q.dtype)  # [b, heads, d]
+            if d.token_index is None:
+                if not plan.prefills:
+                    return od
+                out.copy_(od)
+            else:
+                out.index_copy_(0, d.token_index, od)
         for p in plan.prefills:
-            qp = q[p.start:p.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
-            kp = k_flat[p.slots].transpose(0, 1).unsqueeze(0)
-            vp = v_flat[p.slots].transpose(0, 1).unsqueeze(0)
+            kp = k_cache.index_select(0, p.blocks).view(1, -1, kv_heads, head_dim).transpose(1, 2).to(compute)
+            vp = v_cache.index_select(0, p.blocks).view(1, -1, kv_heads, head_dim).transpose(1, 2).to(compute)
+            qp = q[p.start:p.end].transpose(0, 1).unsqueeze(0).to(compute)  # [1, heads, n, d]
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None,
                                                 scale=meta.scale, enable_gqa=True)
-            out[p.start:p.end] = op.squeeze(0).transpose(0, 1)
+            out[p.start:p.end] = op.squeeze(0).transpose(0, 1).to(q.dtype)
         return out

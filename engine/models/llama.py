@@ -65,6 +65,24 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+# Without native bf16 instructions (AVX2-only CPUs), oneDNN's bf16 GEMM cost grows linearly with the
+# rows: fine for the matrix-vector products of decoding, 10x slower than float32 for a prefill chunk.
+# So on CPU, bf16/fp16 layers serve up to CPU_HALF_MAX_ROWS rows directly and larger batches from a
+# float32 copy of the weight made once (memory traded for speed, as oneDNN-prepacked weights do).
+CPU_HALF_MAX_ROWS = 4
+
+
+class Linear(nn.Linear):
+    _fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.weight.dtype != torch.float32 and x.shape[0] > CPU_HALF_MAX_ROWS:
+            if self._fp32 is None:
+                self._fp32 = (self.weight.float(), None if self.bias is None else self.bias.float())
+            return F.linear(x.float(), *self._fp32).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -72,8 +90,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the model dtype, in HF's order.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -84,17 +101,17 @@ class Attention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.shard_sizes = {"qkv_proj": (self.q_size, self.kv_size, self.kv_size)}
         self.backend = backend
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         n = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(n, self.num_heads, self.head_dim), rope)
-        k = apply_rope(k.view(n, self.num_kv_heads, self.head_dim), rope)
+        qk, v = self.qkv_proj(hidden).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = apply_rope(qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim), rope)  # q and k in one go
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = self.backend.forward(q, kv_cache[0], kv_cache[1], meta)
@@ -105,8 +122,8 @@ class MLP(nn.Module):
     def __init__(self, config, bias: bool):
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=bias)
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * inter, bias=bias)
+        self.down_proj = Linear(inter, config.hidden_size, bias=bias)
         self.shard_sizes = {"gate_up_proj": (inter, inter)}
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
@@ -159,8 +176,9 @@ class LlamaForCausalLM(nn.Module):
                                 o_bias=attention_bias and not self.qkv_bias_default,
                                 mlp_bias=getattr(config, "mlp_bias", False))
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
     def sliding_window(self) -> int | None:
@@ -171,8 +189,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into our (partly fused) parameters; every parameter must be covered."""
