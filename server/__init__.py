@@ -1,0 +1,1 @@
+"""kvserve's HTTP layer: the OpenAI API in front of ``engine.AsyncEngine``."""

@@ -1,0 +1,109 @@
+"""``kvserve serve MODEL``: load the model, then serve the OpenAI API with uvicorn.
+
+Flags are named like vLLM's so deployment scripts carry over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+logger = logging.getLogger("kvserve")
+
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="kvserve", description="An OpenAI-compatible LLM inference server.")
+    commands = root.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("serve", help="serve a model over the OpenAI HTTP API")
+    p.add_argument("model", help="local Hugging Face model folder, or a Hub id (downloaded when online)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", help="name(s) clients use as `model` (default: MODEL)")
+    p.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: MODEL)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--kv-cache-memory", default="2GiB", help="KV cache budget, e.g. 2GiB, 512MiB")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: seeded random weights (benchmarks)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on the API (default: $KVSERVE_API_KEY)")
+    p.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="sequences allowed to wait beyond --max-num-seqs; more get 503 + Retry-After")
+    p.add_argument("--max-n", type=int, default=16, help="largest n / best_of a request may ask for")
+    p.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's own)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish")
+    p.add_argument("--disable-uvicorn-access-log", action="store_true")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return root
+
+
+def resolve_model(model: str) -> str:
+    """A local folder as is; otherwise a Hub snapshot (from the cache when offline)."""
+    if os.path.isdir(model):
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, allow_patterns=HUB_FILES)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        sys.exit(f"kvserve: {model!r} is not a local folder and could not be fetched from the Hugging Face Hub"
+                 f"{hint}: {type(exc).__name__}: {exc}")
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from engine import AsyncEngine, EngineConfig
+    from server.app import create_app
+    from server.serving import Settings
+
+    model_path = resolve_model(args.model)
+    chat_template = None
+    if args.chat_template:
+        try:
+            with open(args.chat_template) as f:
+                chat_template = f.read()
+        except OSError as exc:
+            sys.exit(f"kvserve: cannot read --chat-template: {exc}")
+    logger.info("loading %s", model_path)
+    start = time.monotonic()
+    try:
+        engine = AsyncEngine.from_config(EngineConfig(
+            model=model_path, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+            load_format=args.load_format, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, block_size=args.block_size))
+    except (ValueError, OSError) as exc:
+        sys.exit(f"kvserve: cannot load {args.model}: {exc}")
+    logger.info("model loaded in %.1fs", time.monotonic() - start)
+    settings = Settings(model_path=model_path, served_model_names=args.served_model_name or [args.model],
+                        api_key=args.api_key, max_waiting_requests=args.max_waiting_requests, max_n=args.max_n,
+                        chat_template=chat_template)
+    app = create_app(engine, settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
+                access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        serve(args)
+
+
+if __name__ == "__main__":
+    main()

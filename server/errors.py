@@ -1,0 +1,42 @@
+"""One exception type for every error a client sees, rendered in OpenAI's error body.
+
+Routes raise ``APIError``; ``app.py`` turns it (and FastAPI's validation errors, and engine
+``ValueError``s) into ``{"error": {"message", "type", "param", "code"}}`` so clients written
+against OpenAI parse every failure the same way.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.responses import JSONResponse
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          413: "invalid_request_error", 503: "server_overloaded"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(exc: ValueError, renames: dict[str, str] | None = None) -> APIError:
+    """An engine/SamplingParams ``ValueError`` ("<param> must ...") as a 400 pointing at that field.
+
+    ``renames`` maps the engine's parameter name to the one the client sent (e.g. ``prompt`` ->
+    ``messages`` for chat, ``max_tokens`` -> ``max_completion_tokens``).
+    """
+    message = str(exc)
+    match = re.match(r"([a-z_]+)", message)
+    param = match.group(1) if match else None
+    param = {"prompt_token_ids": "prompt"}.get(param, param)
+    return APIError(400, message, (renames or {}).get(param, param))

@@ -1,0 +1,1 @@
+"""One router per API area; ``app.create_app`` mounts them all."""

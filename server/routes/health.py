@@ -1,0 +1,36 @@
+"""Liveness, version, and the engine's own counters (for operators and tests; behind the API key)."""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.serving import ServerState
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 while the engine thread runs; 503 once it has died (so orchestrators restart us)."""
+    engine = request.app.state.kvserve.engine
+    alive = engine._thread is not None and engine._thread.is_alive()
+    return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+
+@router.get("/version")
+async def server_version() -> dict:
+    try:
+        return {"version": version("kvserve")}
+    except PackageNotFoundError:
+        return {"version": "unknown"}
+
+
+@router.get("/internal/stats")
+async def stats(request: Request) -> dict:
+    state: ServerState = request.app.state.kvserve
+    return {**dataclasses.asdict(state.engine.stats()), "num_sequences_admitted": state.num_sequences,
+            "num_unfinished": state.engine.num_unfinished}

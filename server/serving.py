@@ -1,0 +1,251 @@
+"""The generation core completions and chat share: fan-out, admission, merging, SSE, logging.
+
+An HTTP request becomes one ``Generation``: each returned choice (n, best_of, several prompts) is
+its own engine request, all run concurrently and merged into one stream of deltas. The routes only
+build prompts and sampling params, and format deltas into their API's shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+from starlette.responses import StreamingResponse
+
+from engine import AsyncEngine, RequestOutput, SamplingParams, TokenLogprob
+from server.errors import APIError, bad_request
+from server.protocol import Usage
+
+logger = logging.getLogger("kvserve.requests")
+
+
+@dataclass
+class Settings:
+    """What the HTTP layer needs beyond the engine (CLI flags)."""
+
+    model_path: str
+    served_model_names: list[str]
+    api_key: str | None = None
+    max_waiting_requests: int = 256
+    max_n: int = 16
+    chat_template: str | None = None
+    retry_after_s: int = 1
+
+
+class ServerState:
+    """Shared by all routes: the engine, the tokenizer, and the admission counter."""
+
+    def __init__(self, engine: AsyncEngine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+        # Sequences the engine can run at once plus the bounded queue behind them.
+        self.capacity = engine.engine.config.max_num_seqs + settings.max_waiting_requests
+        self.num_sequences = 0  # admitted engine requests not yet finished
+        self.token_text = lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_names[0]
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.settings.served_model_names:
+            raise APIError(404, f"The model `{name}` does not exist. Served: {self.settings.served_model_names}",
+                           "model", "model_not_found")
+
+    def check_n(self, n: int, param: str = "n") -> None:
+        if not 1 <= n <= self.settings.max_n:
+            raise APIError(400, f"{param} must be in [1, {self.settings.max_n}], got {n}", param)
+
+    def admit(self, num_sequences: int) -> None:
+        """Reserve room for ``num_sequences`` or refuse with 503: the queue never grows unbounded."""
+        if self.num_sequences + num_sequences > self.capacity:
+            raise APIError(503, f"server is at capacity ({self.num_sequences} sequences in flight, "
+                                f"--max-waiting-requests {self.settings.max_waiting_requests}); retry later",
+                           code="server_overloaded", headers={"Retry-After": str(self.settings.retry_after_s)})
+        self.num_sequences += num_sequences
+
+    def release(self, num_sequences: int) -> None:
+        self.num_sequences -= num_sequences
+
+
+@dataclass
+class Choice:
+    """One returned choice = one engine request."""
+
+    index: int
+    prompt_index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class ChoiceResult:
+    """A choice's deltas merged, for non-streamed responses."""
+
+    choice: Choice
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    cumulative_logprob: float = 0.0
+    error: str | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.new_logprobs or []
+        self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
+        self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+        self.cumulative_logprob, self.error = out.cumulative_logprob, out.error
+
+
+class Generation:
+    """One HTTP request's engine work. Create it before answering (it validates and admits), then
+    consume ``events()`` exactly once; ``close()`` (idempotent) aborts what is left, releases the
+    admission slots and writes the request's log line."""
+
+    def __init__(self, state: ServerState, prefix: str, choices: list[Choice], renames: dict[str, str] | None = None):
+        self.state = state
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.arrival = time.monotonic()
+        self.choices = choices
+        for choice in choices:
+            try:
+                state.engine.engine.validate(choice.prompt_ids, choice.params)
+            except ValueError as exc:
+                raise bad_request(exc, renames) from None
+        state.admit(len(choices))
+        self.last: dict[int, RequestOutput] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        """Every choice's deltas as they come, interleaved; ends when all choices finished."""
+        queue: asyncio.Queue[tuple[Choice, RequestOutput | Exception]] = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            try:
+                async for out in self.state.engine.generate(f"{self.id}-{choice.index}", choice.prompt_ids, choice.params):
+                    queue.put_nowait((choice, out))
+            except Exception as exc:  # delivered to the consumer; never lost in a task
+                queue.put_nowait((choice, exc))
+
+        self._tasks = [asyncio.create_task(pump(choice)) for choice in self.choices]
+        remaining = len(self.choices)
+        try:
+            while remaining:
+                choice, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                self.last[choice.index] = item
+                remaining -= item.finished
+                yield choice, item
+        finally:
+            self.close()
+
+    def usage(self) -> Usage:
+        prompts = {c.prompt_index: len(c.prompt_ids) for c in self.choices}
+        completion = sum(out.num_output_tokens for out in self.last.values())
+        return Usage(prompt_tokens=sum(prompts.values()), completion_tokens=completion,
+                     total_tokens=sum(prompts.values()) + completion)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:  # a cancelled pump leaves generate(), which aborts its engine request
+            task.cancel()
+        self.state.release(len(self.choices))
+        self._log()
+
+    def _log(self) -> None:
+        outs = list(self.last.values())
+        times = [o.times for o in outs if o.times is not None]
+        unfinished = len(outs) < len(self.choices) or not all(o.finished for o in outs)
+        reasons = "abort" if unfinished else ",".join(sorted({o.finish_reason or "" for o in outs}))
+
+        def since_arrival(values: list[float | None]) -> str:
+            present = [v for v in values if v is not None]
+            return f"{(min(present) - self.arrival) * 1000:.1f}ms" if present else "-"
+
+        logger.info("%s prompt_tokens=%d completion_tokens=%d queue=%s ttft=%s total=%.1fms finish=%s",
+                    self.id, self.usage().prompt_tokens, self.usage().completion_tokens,
+                    since_arrival([t.first_scheduled for t in times]), since_arrival([t.first_token for t in times]),
+                    (time.monotonic() - self.arrival) * 1000, reasons)
+
+
+async def collect(request: Request, gen: Generation) -> list[ChoiceResult]:
+    """Run a non-streamed generation to the end; a client that hangs up aborts it."""
+    results = {choice.index: ChoiceResult(choice) for choice in gen.choices}
+
+    async def run() -> None:
+        async with contextlib.aclosing(gen.events()) as events:
+            async for choice, out in events:
+                results[choice.index].add(out)
+
+    work = asyncio.ensure_future(run())
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled (shutdown timeout)
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            gen.close()
+    if work not in done:
+        raise APIError(499, "client disconnected")
+    work.result()
+    failed = [r for r in results.values() if r.finish_reason == "error"]
+    if failed:
+        raise APIError(500, f"generation failed: {failed[0].error}")
+    return [results[i] for i in sorted(results)]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so only disconnect can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def stream(gen: Generation, make_chunk: Callable[[Choice, RequestOutput, bool], BaseModel | None],
+           usage_chunk: Callable[[Usage], BaseModel] | None) -> StreamingResponse:
+    """SSE: one ``data: {chunk}`` per useful delta, the usage chunk if asked, then ``data: [DONE]``.
+
+    ``make_chunk(choice, delta, first)`` formats a delta (None: nothing worth sending). A client
+    disconnect cancels this generator, which closes the generation and aborts its engine requests.
+    """
+
+    async def body() -> AsyncIterator[str]:
+        started: set[int] = set()
+        async with contextlib.aclosing(gen.events()) as events:
+            async for choice, out in events:
+                if out.finish_reason == "error":
+                    error = APIError(500, f"generation failed: {out.error}")
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    break
+                chunk = make_chunk(choice, out, choice.index not in started)
+                started.add(choice.index)
+                if chunk is not None:
+                    yield f"data: {chunk.model_dump_json()}\n\n"
+            else:
+                if usage_chunk is not None:
+                    yield f"data: {usage_chunk(gen.usage()).model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # The background close covers a client that left before the body generator ever started.
+    return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(gen.close))
