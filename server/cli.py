@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -94,6 +95,10 @@ def serve(args: argparse.Namespace) -> None:
                         api_key=args.api_key, max_waiting_requests=args.max_waiting_requests, max_n=args.max_n,
                         chat_template=chat_template)
     app = create_app(engine, settings)
+    # uvicorn re-raises SIGTERM/SIGINT once it has drained and stopped the engine; by then shutdown
+    # is complete, so make that a clean exit (status 0) instead of death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
                 access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
 

@@ -1,0 +1,108 @@
+"""Every client mistake is a 4xx in OpenAI's error shape naming the field, and the server goes on."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from server_process import running_server
+
+MAX_MODEL_LEN = 128
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    with running_server(tiny_model("qwen2"), "--kv-cache-memory", "8MiB", "--max-model-len", str(MAX_MODEL_LEN),
+                        "--max-n", "4", "--served-model-name", "tiny") as srv:
+        yield srv
+
+
+LONG = "hello " * 200  # > MAX_MODEL_LEN tokens
+
+# (name, path, json body or raw bytes, expected status, expected param)
+CASES = [
+    ("malformed_json", "/v1/completions", b'{"prompt": "hi",', 400, None),
+    ("body_not_object", "/v1/completions", b'[1, 2]', 400, None),
+    ("missing_prompt", "/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+    ("missing_messages", "/v1/chat/completions", {"max_tokens": 3}, 400, "messages"),
+    ("ill_typed_max_tokens", "/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+    ("ill_typed_prompt", "/v1/completions", {"prompt": {"text": "hi"}}, 400, "prompt"),
+    ("empty_prompt_list", "/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("empty_prompt_string", "/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("token_id_outside_vocab", "/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
+    ("max_tokens_zero", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_completion_tokens_negative", "/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -1}, 400,
+     "max_completion_tokens"),
+    ("temperature_negative", "/v1/completions", {"prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ("top_p_above_one", "/v1/chat/completions", {"messages": CHAT, "top_p": 1.5}, 400, "top_p"),
+    ("top_k_below_minus_one", "/v1/completions", {"prompt": "hi", "top_k": -3}, 400, "top_k"),
+    ("min_p_above_one", "/v1/completions", {"prompt": "hi", "min_p": 2}, 400, "min_p"),
+    ("presence_penalty_out_of_range", "/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("frequency_penalty_out_of_range", "/v1/chat/completions", {"messages": CHAT, "frequency_penalty": -3}, 400,
+     "frequency_penalty"),
+    ("repetition_penalty_zero", "/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("logprobs_too_many", "/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ("top_logprobs_too_many", "/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 50}, 400,
+     "top_logprobs"),
+    ("top_logprobs_without_logprobs", "/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("logit_bias_bad_key", "/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("logit_bias_bad_value", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias"),
+    ("unknown_model", "/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ("unknown_model_chat", "/v1/chat/completions", {"model": "gpt-4", "messages": CHAT}, 404, "model"),
+    ("prompt_over_context", "/v1/completions", {"prompt": LONG}, 400, "prompt"),
+    ("chat_over_context", "/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("prompt_plus_max_tokens_over_context", "/v1/completions", {"prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400,
+     "max_tokens"),
+    ("empty_messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("bad_role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("image_content_part", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages.0.content"),
+    ("n_too_large", "/v1/completions", {"prompt": "hi", "n": 5}, 400, "n"),
+    ("n_zero", "/v1/chat/completions", {"messages": CHAT, "n": 0}, 400, "n"),
+    ("best_of_below_n", "/v1/completions", {"prompt": "hi", "n": 3, "best_of": 2}, 400, "best_of"),
+    ("best_of_streamed", "/v1/completions", {"prompt": "hi", "best_of": 3, "stream": True}, 400, "best_of"),
+    ("suffix", "/v1/completions", {"prompt": "hi", "suffix": "bye"}, 400, "suffix"),
+    ("json_schema_response_format", "/v1/chat/completions",
+     {"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("detokenize_bad_id", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("unknown_route", "/v1/engines", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_an_openai_error(server, path, body, status, param):
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    response = httpx.post(f"{server.url}{path}", timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(response.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_context_error_names_both_numbers(server):
+    response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 200})
+    message = response.json()["error"]["message"]
+    assert "200" in message and str(MAX_MODEL_LEN) in message
+
+
+def test_openai_client_sees_typed_errors_and_server_goes_on(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="tiny", messages=CHAT, temperature=-1)
+    assert bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi")
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    stats = server.stats()
+    assert stats["num_unfinished"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_unknown_fields_are_ignored(server):
+    response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "store": True,
+                                                                "metadata": {"a": "b"}, "service_tier": "auto"})
+    assert response.status_code == 200
