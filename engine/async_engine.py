@@ -77,6 +77,8 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.engine.validate(prompt_token_ids, params)
+        if params.structured_output is not None:  # compile here, off the step loop; errors are the caller's
+            await asyncio.to_thread(self.engine.structured.compile, params.structured_output)
         stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._streams[request_id] = stream
         self._submit(_Add(request_id, list(prompt_token_ids), params))

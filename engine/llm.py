@@ -40,6 +40,8 @@ class LLM:
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(token_ids)} prompts")
         for ids, p in zip(token_ids, params_list):  # reject bad input before anything runs
             self.engine.validate(ids, p)
+            if p.structured_output is not None:
+                self.engine.structured.compile(p.structured_output)
         request_ids = [f"llm-{next(self._ids)}" for _ in token_ids]
         for rid, ids, p in zip(request_ids, token_ids, params_list):
             self.engine.add_request(rid, ids, p)

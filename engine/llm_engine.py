@@ -21,6 +21,7 @@ from engine.outputs import EngineStats, RequestOutput, ScheduledRequest, Schedul
 from engine.request import Request, SamplingParams
 from engine.sampler import Sampler, token_logprobs
 from engine.scheduler import Scheduler
+from engine.structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, backend, num_blocks, config.block_size, config.torch_dtype,
                                   config.torch_device, compile_decode=config.compile)
         self.sampler = Sampler(config.seed)
+        self._structured: StructuredOutputs | None = None
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompt_tokens_total = 0
@@ -94,6 +96,13 @@ class LLMEngine:
             self.runner.execute(SchedulerOutput([ScheduledRequest(req, 1) for req in reqs]))
             for req in reqs:
                 self.kv.free_blocks(req.block_table)
+
+    @property
+    def structured(self) -> StructuredOutputs:
+        """Built on first use: xgrammar's tokenizer info takes a moment for a large vocabulary."""
+        if self._structured is None:
+            self._structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._structured
 
     # --- requests -------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -119,6 +128,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, arrival)
+        if params.structured_output is not None:
+            req.matcher = self.structured.matcher(params.structured_output)
         self.requests[request_id] = req
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
         self.scheduler.add(req)
@@ -155,7 +166,9 @@ class LLMEngine:
         self.scheduler.update(sched)
         outputs: list[RequestOutput] = []
         if sampling:
-            sampled = self.sampler(result.logits, sampling)
+            matchers = [req.matcher for req in sampling]
+            bitmask = self.structured.bitmask(matchers) if any(m is not None for m in matchers) else None
+            sampled = self.sampler(result.logits, sampling, bitmask)
             now = time.monotonic()
             for req, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
                 try:
@@ -182,12 +195,16 @@ class LLMEngine:
             req.cumulative_logprob += logprob.logprob
         detok = self.detokenizers[req.request_id]
         finish_reason, stop_reason = None, None
-        if token in req.stop_token_ids:
+        if req.matcher is not None and not req.matcher.accept_token(token):
+            raise RuntimeError(f"the grammar rejected sampled token {token}")
+        if token in req.stop_token_ids or (req.matcher is not None and req.matcher.is_terminated()):
             finish_reason, stop_reason = "stop", token
         else:
             detok.add_token(token)
             if detok.stop_string is not None:
                 finish_reason, stop_reason = "stop", detok.stop_string
+            elif req.matcher is not None and self.structured.only_stop_allowed(req.matcher):
+                finish_reason = "stop"  # the structure is complete: no need to spend a step sampling EOS
             elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
                 finish_reason = "length"
         if finish_reason is not None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.structured import StructuredOutputParams
+
 MAX_LOGPROBS = 20
 
 
@@ -36,6 +38,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the sampled token's; N: plus the top N alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (for echo)
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -112,6 +115,7 @@ class Request:
         # prompt_logprobs[i]: how likely prompt token i was given the ones before (None for i = 0)
         self.prompt_logprobs: list | None = [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
         self.times = RequestTimes() if arrival is None else RequestTimes(arrival=arrival)
+        self.matcher = None  # xgrammar.GrammarMatcher when the output is constrained
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -1,6 +1,6 @@
 """Batched sampling with per-request parameters in one set of tensor ops.
 
-Order: logit bias -> penalties -> (greedy rows: argmax) -> temperature -> top-k -> top-p -> min-p ->
+Order: logit bias -> penalties -> grammar mask -> (greedy rows: argmax) -> temperature -> top-k -> top-p -> min-p ->
 draw. Draws use the exponential race (argmax of p / E with E ~ Exp(1)), which samples exactly from
 p; a request with a seed draws E from its own generator, so its output does not depend on which
 other requests share the batch. Logprobs are those of the model's raw distribution (as vLLM's).
@@ -14,6 +14,7 @@ import torch
 
 from engine.outputs import TokenLogprob
 from engine.request import Request
+from engine.structured import apply_bitmask
 
 NEG_INF = float("-inf")
 
@@ -116,12 +117,14 @@ class Sampler:
         # exponential_ can return exactly 0, which would turn a zero-probability token into 0/0 = NaN.
         return noise.clamp_(min=1e-20).to(device)
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request], bitmask=None) -> SamplerOutput:
+        """``bitmask``: the grammar mask for the constrained rows (see engine.structured)."""
         raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         if any(r.params.logit_bias for r in reqs):
             apply_logit_bias(logits, reqs)
         if any(r.params.has_penalties for r in reqs):
             apply_penalties(logits, reqs)
+        apply_bitmask(logits, bitmask)
         tokens = logits.argmax(dim=-1)
         if not all(r.params.greedy for r in reqs):
             probs = processed_probs(logits, reqs)
