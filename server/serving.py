@@ -232,19 +232,20 @@ def stream(gen: Generation, make_chunk: Callable[[Choice, RequestOutput, bool], 
 
     async def body() -> AsyncIterator[str]:
         started: set[int] = set()
-        async with contextlib.aclosing(gen.events()) as events:
-            async for choice, out in events:
-                if out.finish_reason == "error":
-                    error = APIError(500, f"generation failed: {out.error}")
-                    yield f"data: {json.dumps(error.body())}\n\n"
-                    break
-                chunk = make_chunk(choice, out, choice.index not in started)
-                started.add(choice.index)
-                if chunk is not None:
-                    yield f"data: {chunk.model_dump_json()}\n\n"
-            else:
-                if usage_chunk is not None:
-                    yield f"data: {usage_chunk(gen.usage()).model_dump_json()}\n\n"
+        try:
+            async with contextlib.aclosing(gen.events()) as events:
+                async for choice, out in events:
+                    if out.finish_reason == "error":
+                        raise RuntimeError(out.error)
+                    chunk = make_chunk(choice, out, choice.index not in started)
+                    started.add(choice.index)
+                    if chunk is not None:
+                        yield f"data: {chunk.model_dump_json()}\n\n"
+            if usage_chunk is not None:
+                yield f"data: {usage_chunk(gen.usage()).model_dump_json()}\n\n"
+        except Exception as exc:  # the 200 is already sent: report in-band, as OpenAI does
+            logger.exception("%s failed", gen.id)
+            yield f"data: {json.dumps(APIError(500, f'generation failed: {exc}').body())}\n\n"
         yield "data: [DONE]\n\n"
 
     # The background close covers a client that left before the body generator ever started.

@@ -254,3 +254,15 @@ def test_tokenize_and_detokenize(server, llm):
     chat = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT}).json()
     assert chat["tokens"] == chat_ids(llm, CHAT)
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": response["tokens"]}).json() == {"prompt": PROMPTS[0]}
+
+
+def test_one_log_line_per_finished_request(server, client):
+    response = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, n=2, temperature=0)
+    deadline = time.monotonic() + 5
+    while not (lines := [line for line in server.log_text().splitlines() if response.id in line]):
+        assert time.monotonic() < deadline, server.log_text()[-2000:]
+        time.sleep(0.05)
+    assert len(lines) == 1
+    prompt_tokens = response.usage.prompt_tokens
+    assert f"prompt_tokens={prompt_tokens} completion_tokens=8 " in lines[0]
+    assert all(f" {field}=" in lines[0] for field in ("queue", "ttft", "total")) and lines[0].endswith("finish=length")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import httpx
 import openai
 import pytest
@@ -12,10 +15,15 @@ MAX_MODEL_LEN = 128
 CHAT = [{"role": "user", "content": "hi"}]
 
 
+TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model):
+def server(tiny_model, tmp_path_factory):
+    template = tmp_path_factory.mktemp("template") / "chat.jinja"
+    template.write_text(TEMPLATE)
     with running_server(tiny_model("qwen2"), "--kv-cache-memory", "8MiB", "--max-model-len", str(MAX_MODEL_LEN),
-                        "--max-n", "4", "--served-model-name", "tiny") as srv:
+                        "--max-n", "4", "--served-model-name", "tiny", "--chat-template", str(template)) as srv:
         yield srv
 
 
@@ -106,3 +114,23 @@ def test_unknown_fields_are_ignored(server):
     response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "store": True,
                                                                 "metadata": {"a": "b"}, "service_tier": "auto"})
     assert response.status_code == 200
+
+
+def test_chat_template_flag_replaces_the_tokenizers(server, tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model("qwen2"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    tokens = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+    assert tokens == tokenizer.encode("<system>Be brief.\n<user>hi\n<assistant>", add_special_tokens=False)
+    chat = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert chat.usage.prompt_tokens == len(tokens)
+
+
+def test_unknown_hub_id_offline_is_a_clear_startup_error():
+    from server_process import kvserve_command
+
+    result = subprocess.run([*kvserve_command(), "serve", "no-such-org/no-such-model"], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert result.returncode != 0
+    assert "not a local folder" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
