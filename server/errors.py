@@ -12,7 +12,7 @@ import re
 from fastapi.responses import JSONResponse
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 503: "server_overloaded"}
+          503: "server_overloaded"}
 
 
 class APIError(Exception):
