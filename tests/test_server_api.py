@@ -233,6 +233,7 @@ def wait_until_idle(server, timeout: float = 10) -> dict:
 
 def test_disconnect_mid_stream_frees_blocks_and_server_goes_on(server, client):
     body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 900, "ignore_eos": True, "stream": True}
+    generated = server.stats()["generation_tokens"]
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
             lines = response.iter_lines()
@@ -240,11 +241,13 @@ def test_disconnect_mid_stream_frees_blocks_and_server_goes_on(server, client):
             assert received
             running = server.stats()
             assert running["num_unfinished"] == 1 and running["num_free_blocks"] < running["num_blocks"]
-    wait_until_idle(server)
+    # Freed because it was aborted, not because it ran to its 900 tokens.
+    assert wait_until_idle(server)["generation_tokens"] - generated < 900
     # A non-streamed request whose client gives up is aborted too.
+    generated = server.stats()["generation_tokens"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=0.5)
-    wait_until_idle(server)
+    assert wait_until_idle(server)["generation_tokens"] - generated < 900
     assert client.completions.create(model="tiny", prompt="Hi", max_tokens=3).usage.completion_tokens == 3
 
 
