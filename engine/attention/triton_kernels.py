@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from engine.attention import AttentionMetadata
 
@@ -42,7 +43,8 @@ def _online_softmax_tile(q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, start
                          stride_kb, stride_ks, stride_kh, stride_kd,
                          stride_vb, stride_vs, stride_vh, stride_vd,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                         UPCAST_DOT: tl.constexpr):
     """One K/V tile of positions [start, start + BLOCK_N) folded into (m, l, acc) for query rows q.
 
     Keys are addressed per position through the block table, so a tile may span several cache
@@ -57,6 +59,9 @@ def _online_softmax_tile(q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, start
     offset = key_pos % BLOCK_SIZE
     kt = tl.load(k_cache_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks + kv_head * stride_kh
                  + d[:, None] * stride_kd, mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # [D, N]
+    if UPCAST_DOT:  # the interpreter's tl.dot multiplies bf16 bit patterns as integers (Triton 3.9)
+        q = q.to(tl.float32)
+        kt = kt.to(tl.float32)
     scores = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N], base-2 logits
     seen = key_ok[None, :] & (key_pos[None, :] <= q_pos[:, None])
     if USE_WINDOW:
@@ -69,7 +74,11 @@ def _online_softmax_tile(q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, start
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
                 + d[None, :] * stride_vd, mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    p = p.to(v.dtype)  # the PV product runs in the input precision, as on tensor cores
+    if UPCAST_DOT:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -81,7 +90,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, 
                     stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST_DOT: tl.constexpr):
     """Grid (prefill sequences, query tiles of BLOCK_Q tokens, KV heads). Row r of the tile is token
     r // GROUP of the tile and query head kv_head * GROUP + r % GROUP."""
     seq = tl.load(seq_ids_ptr + tl.program_id(0))
@@ -116,7 +126,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, 
         m_i, l_i, acc = _online_softmax_tile(
             q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, start, key_end, q_pos, window, m_i, l_i, acc,
             scale_log2, stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, USE_WINDOW, PRECISION)
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, USE_WINDOW, PRECISION, UPCAST_DOT)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -130,7 +140,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr, acc_p
                    stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PARTITION: tl.constexpr,
-                   USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
+                   USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                   SINGLE_SPLIT: tl.constexpr):
     """Grid (decode rows, KV heads, partitions). The GROUP query heads of a KV head share the
     program (padded to BLOCK_G >= 16 rows, the smallest tensor-core tile). Scratch layout:
     m, l [rows, heads, splits]; acc [rows, heads, splits, HEAD_DIM]."""
@@ -160,7 +171,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr, acc_p
         m_i, l_i, acc = _online_softmax_tile(
             q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, start, key_end, q_pos, window, m_i, l_i, acc,
             scale_log2, stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, USE_WINDOW, PRECISION)
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, USE_WINDOW, PRECISION, UPCAST_DOT)
     if SINGLE_SPLIT:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
@@ -219,6 +230,9 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
              k.to(k_cache_ptr.dtype.element_ty), mask=ok)
     tl.store(v_cache_ptr + block * stride_cvb + offset * stride_cvs + h[:, None] * stride_cvh + d[None, :] * stride_cvd,
              v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+
+
+_INTERPRETED = isinstance(_prefill_kernel, InterpretedFunction)  # TRITON_INTERPRET=1 at import
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -298,6 +312,7 @@ class TritonBackend:
         common = dict(HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), GROUP=group, BLOCK_SIZE=meta.block_size,
                       USE_WINDOW=meta.sliding_window is not None,
                       PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                      UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
                       num_warps=self.num_warps, num_stages=self.num_stages)
         strides = (*q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), plan.block_tables.stride(0))
         scale_log2 = meta.scale * _LOG2E
