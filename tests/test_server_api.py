@@ -174,6 +174,8 @@ def test_completion_logprobs_and_echo(client, llm):
     assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
     assert choice.logprobs.token_logprobs[1:len(ids)] == pytest.approx(
         [p.logprob for p in expected.prompt_logprobs[1:]], abs=1e-4)
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, echo=True)
+    assert by_ids.choices[0].text == llm.tokenizer.decode(ids) + response.choices[0].text
     streamed = list(client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, echo=True,
                                               logprobs=1, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == choice.text

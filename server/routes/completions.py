@@ -12,16 +12,18 @@ from server.serving import Choice, ChoiceResult, Generation, ServerState, collec
 
 router = APIRouter()
 
+Entries = list[tuple[int, TokenLogprob | None]]  # (token id, its logprob; None for the first prompt token)
 
-def prompt_token_lists(state: ServerState, prompt: str | list) -> list[list[int]]:
-    """The four prompt forms OpenAI allows -> one token-id list per prompt."""
+
+def prompts_of(state: ServerState, prompt: str | list) -> list[tuple[str | None, list[int]]]:
+    """The four prompt forms OpenAI allows -> (text if sent as text, token ids) per prompt."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", "prompt")
     if isinstance(prompt[0], int):
-        return [prompt]
-    return [state.tokenizer.encode(p) if isinstance(p, str) else p for p in prompt]
+        prompt = [prompt]
+    return [(p, state.tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in prompt]
 
 
 class LogprobFormatter:
@@ -32,7 +34,7 @@ class LogprobFormatter:
         self.state = state
         self.offsets: dict[int, int] = {}
 
-    def __call__(self, index: int, entries: list[tuple[int, TokenLogprob | None]]) -> CompletionLogprobs:
+    def __call__(self, index: int, entries: Entries) -> CompletionLogprobs:
         text = self.state.token_text
         offset = self.offsets.get(index, 0)
         result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
@@ -47,12 +49,17 @@ class LogprobFormatter:
         return result
 
 
-def _prompt_entries(prompt_ids: list[int], prompt_logprobs: list | None) -> list[tuple[int, TokenLogprob | None]]:
-    return list(zip(prompt_ids, prompt_logprobs or [None] * len(prompt_ids)))
-
-
-def _output_entries(token_ids: list[int], logprobs: list[TokenLogprob]) -> list[tuple[int, TokenLogprob | None]]:
+def _entries(token_ids: list[int], logprobs: list[TokenLogprob]) -> Entries:
     return list(zip(token_ids, logprobs))
+
+
+def _echo(state: ServerState, prompt: tuple[str | None, list[int]], prompt_logprobs: list | None, text: str,
+          entries: Entries) -> tuple[str, Entries]:
+    """Prepend the prompt (as sent, or decoded) to a choice's text and, if asked for, its logprobs."""
+    prompt_text, ids = prompt
+    prompt_text = state.tokenizer.decode(ids) if prompt_text is None else prompt_text
+    prompt_entries = list(zip(ids, prompt_logprobs)) if prompt_logprobs else []
+    return prompt_text + text, prompt_entries + entries
 
 
 @router.post("/v1/completions")
@@ -70,9 +77,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise APIError(400, "best_of > n cannot be streamed", "best_of")
     # best_of ranks by cumulative logprob, which the engine tracks only when logprobs are on.
     logprobs = body.logprobs if body.logprobs is not None or best_of == body.n else 0
-    prompts = prompt_token_lists(state, body.prompt)
+    prompts = prompts_of(state, body.prompt)
     choices = []
-    for p, ids in enumerate(prompts):
+    for p, (_, ids) in enumerate(prompts):
         for i in range(best_of):
             params = body.sampling_params(max_tokens=body.max_tokens, logprobs=logprobs,
                                           prompt_logprobs=body.logprobs if body.echo else None,
@@ -87,11 +94,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
     if body.stream:
         def chunk(choice: Choice, out: RequestOutput, first: bool) -> CompletionResponse | None:
-            text = out.new_text
-            entries = _output_entries(out.new_token_ids, out.new_logprobs or [])
+            text, entries = out.new_text, _entries(out.new_token_ids, out.new_logprobs or [])
             if first and body.echo:
-                text = state.tokenizer.decode(choice.prompt_ids) + text
-                entries = _prompt_entries(choice.prompt_ids, out.prompt_logprobs) + entries
+                text, entries = _echo(state, prompts[choice.prompt_index], out.prompt_logprobs, text, entries)
             if not text and not entries and not out.finished:
                 return None
             logprobs = fmt(choice.index, entries) if want_logprobs else None
@@ -105,10 +110,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     out = []
     for result in kept:
         choice = result.choice
-        text, entries = result.text, _output_entries(result.token_ids, result.logprobs)
+        text, entries = result.text, _entries(result.token_ids, result.logprobs)
         if body.echo:
-            text = state.tokenizer.decode(choice.prompt_ids) + text
-            entries = _prompt_entries(choice.prompt_ids, result.prompt_logprobs) + entries
+            text, entries = _echo(state, prompts[choice.prompt_index], result.prompt_logprobs, text, entries)
         out.append(CompletionChoice(index=len(out), text=text, logprobs=fmt(choice.index, entries) if want_logprobs else None,
                                     finish_reason=result.finish_reason, stop_reason=result.stop_reason))
     return Response(envelope(out, gen.usage()).model_dump_json(), media_type="application/json")
