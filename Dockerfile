@@ -22,7 +22,7 @@ RUN pip install --index-url ${TORCH_INDEX} "torch>=2.5"
 COPY . /src
 RUN pip install /src && rm -rf /src
 
-RUN useradd --create-home --uid 1000 kvserve && mkdir -p /cache/huggingface && chown kvserve /cache/huggingface
+RUN useradd --create-home kvserve && mkdir -p /cache/huggingface && chown kvserve /cache/huggingface
 USER kvserve
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s \
