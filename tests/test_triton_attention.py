@@ -16,8 +16,11 @@ import triton  # noqa: E402,F401  (an ImportError here is a failure, never a ski
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import engine.attention.triton_kernels as triton_kernels  # noqa: E402
+import engine.llm_engine  # noqa: E402
 from engine.attention import context_slots, write_kv  # noqa: E402
 from engine.attention.torch_ref import ReferenceBackend  # noqa: E402
+from conftest import STORIES  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
 from test_attention import RAGGED, build_batch, expected_output  # noqa: E402
 
 if not isinstance(triton_kernels._prefill_kernel, InterpretedFunction):
@@ -157,7 +160,7 @@ def test_write_kv_equals_index_copy(dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(30))
 def test_random_ragged_batches(seed):
     """Random shapes, lengths up to 300 after prefixes up to 300, windows, tile sizes and partitions."""
     g = torch.Generator().manual_seed(seed)
@@ -172,3 +175,22 @@ def test_random_ragged_batches(seed):
                             decode_block_n=16, decode_partition=pick([16, 64, 256]))
     check(seqs, num_kv_heads * group, num_kv_heads, head_dim, pick([16, 32]), backend=backend,
           sliding_window=pick([None, None, 5, 33, 128]), seed=seed)
+
+
+@pytest.mark.parametrize("max_tokens", [4, pytest.param(40, marks=pytest.mark.slow)])
+def test_engine_greedy_with_triton_backend_equals_torch_backend(monkeypatch, max_tokens):
+    """The backend behind the real engine (stories260K: head_dim 8, 8 heads on 4 KV heads): a batch of
+    a BOS-only prompt, an 82-token prompt that the 64-token budget splits into chunks, and a short one
+    decodes the same tokens as the SDPA backend."""
+    real_get_backend = engine.llm_engine.get_backend
+    monkeypatch.setattr(engine.llm_engine, "get_backend", lambda name, device: TritonBackend(decode_partition=64)
+                        if name == "triton" else real_get_backend(name, device))
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    outputs = {}
+    for backend in ("triton", "torch"):
+        llm = LLM(str(STORIES), dtype="float32", kv_cache_memory="8MiB", max_num_batched_tokens=64,
+                  attention_backend=backend)
+        prompts = [[1], llm.tokenizer.encode("Once upon a time, in a big forest, there lived a bear" * 4),
+                   llm.tokenizer.encode("The cat")]
+        outputs[backend] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=greedy)]
+    assert outputs["triton"] == outputs["torch"]
