@@ -69,7 +69,7 @@ def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float]:
     ordered = sorted(values)
 
     def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * scale
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * scale
 
     return {"mean": statistics.fmean(ordered) * scale, "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
 

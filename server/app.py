@@ -36,11 +36,11 @@ class RequestIdAndAuth:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         request_id = headers.get(b"x-request-id") or uuid.uuid4().hex.encode()
-        if self.expected is not None and scope["path"] not in OPEN_PATHS:
-            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-                error = APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
-                                 code="invalid_api_key", headers={"X-Request-Id": request_id.decode("latin-1")})
-                return await error.response()(scope, receive, send)
+        if (self.expected is not None and scope["path"] not in OPEN_PATHS
+                and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected)):
+            error = APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
+                             code="invalid_api_key", headers={"X-Request-Id": request_id.decode("latin-1")})
+            return await error.response()(scope, receive, send)
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":

@@ -8,9 +8,18 @@ from fastapi.responses import Response
 from engine import RequestOutput, TokenLogprob
 from server.chat_template import render_chat
 from server.errors import APIError
-from server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                             ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessageOut, ChatTokenLogprob,
-                             TopLogprob)
+from server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    TopLogprob,
+)
 from server.serving import Choice, Generation, ServerState, collect, stream
 
 router = APIRouter()
