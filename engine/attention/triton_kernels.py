@@ -284,6 +284,7 @@ class TritonBackend:
         self.num_warps, self.num_stages = num_warps, num_stages
 
     def build_metadata(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """Once per step: int32 copies of the layout, the prefill and decode rows, the partition count."""
         device = meta.block_tables.device
         num_new = [meta.query_start[i + 1] - meta.query_start[i] for i in range(len(meta.context_lens))]
         prefill = [i for i, n in enumerate(num_new) if n > 1]
@@ -303,15 +304,16 @@ class TritonBackend:
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
+        """q [num_tokens, heads, head_dim] -> out of the same shape; K/V already written to the cache."""
         plan: TritonPlan = meta.backend_data
-        num_tokens, num_heads, head_dim = q.shape
+        _, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         window = meta.sliding_window or 0
         common = dict(HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim), GROUP=group, BLOCK_SIZE=meta.block_size,
                       USE_WINDOW=meta.sliding_window is not None,
-                      PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                      PRECISION="ieee" if q.dtype == torch.float32 else None,  # None: the target default
                       UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
                       num_warps=self.num_warps, num_stages=self.num_stages)
         strides = (*q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), plan.block_tables.stride(0))
