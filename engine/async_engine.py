@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
 from engine.request import SamplingParams
@@ -28,6 +29,7 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    arrival: float | None
 
 
 @dataclass
@@ -51,6 +53,10 @@ class AsyncEngine:
         return cls(LLMEngine(config))
 
     @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def num_unfinished(self) -> int:
         return len(self._streams)
 
@@ -69,19 +75,21 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yield the request's deltas until it finishes. Raises ValueError for bad input up front."""
-        if self._thread is None or not self._thread.is_alive():
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       arrival: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas until it finishes. Raises InvalidRequestError (a ValueError
+        naming the parameter) for bad input up front. ``arrival``: time.monotonic() when the request
+        reached the server, so queue time and TTFT include the HTTP layer."""
+        if not self.is_running:
             raise RuntimeError("AsyncEngine is not running; call start() inside the event loop first")
         if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
         self.engine.validate(prompt_token_ids, params)
         if params.structured_output is not None:  # compile here, off the step loop; errors are the caller's
             await asyncio.to_thread(self.engine.structured.compile, params.structured_output)
         stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._streams[request_id] = stream
-        self._submit(_Add(request_id, list(prompt_token_ids), params))
+        self._submit(_Add(request_id, list(prompt_token_ids), params, arrival))
         finished = False
         try:
             while not finished:
@@ -131,7 +139,7 @@ class AsyncEngine:
                 self.engine.abort_request(command.request_id)
                 continue
             try:
-                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.arrival)
             except ValueError as exc:
                 self._loop.call_soon_threadsafe(self._deliver, command.request_id, exc)
 

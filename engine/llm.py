@@ -15,12 +15,14 @@ class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto", device: str = "auto",
                  load_format: str = "auto", max_model_len: int | None = None, kv_cache_memory: int | str = "2GiB",
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
-                 seed: int = 0, block_size: int = 16, attention_backend: str = "auto", compile: bool = False):
+                 seed: int = 0, block_size: int = 16, attention_backend: str = "auto", compile: bool = False,
+                 enable_jump_forward: bool = True):
         self.engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, load_format=load_format,
             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            seed=seed, block_size=block_size, attention_backend=attention_backend, compile=compile))
+            seed=seed, block_size=block_size, attention_backend=attention_backend, compile=compile,
+            enable_jump_forward=enable_jump_forward))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

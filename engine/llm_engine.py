@@ -18,6 +18,7 @@ from engine.kv_cache import KVCacheManager, num_kv_blocks
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_config, load_model
 from engine.outputs import EngineStats, RequestOutput, ScheduledRequest, SchedulerOutput
+from engine.errors import InvalidRequestError
 from engine.request import Request, SamplingParams
 from engine.sampler import Sampler, token_logprobs
 from engine.scheduler import Scheduler
@@ -77,6 +78,8 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.jump_forward_tokens_total = 0
+        self.num_steps = 0
         if config.compile:
             self._warm_up_decode()
         logger.info("KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d; dtype %s; device %s",
@@ -108,24 +111,24 @@ class LLMEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming the parameter for anything this engine cannot serve."""
         if not prompt_token_ids:
-            raise ValueError("prompt must not be empty")
+            raise InvalidRequestError("prompt", "prompt must not be empty")
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids contains ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            raise InvalidRequestError("prompt_token_ids", f"prompt_token_ids contains ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(prompt_token_ids)} tokens, the context (max_model_len) is "
+            raise InvalidRequestError("prompt", f"prompt is {len(prompt_token_ids)} tokens, the context (max_model_len) is "
                              f"{self.max_model_len}; shorten the prompt")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"max_tokens: prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
+            raise InvalidRequestError("max_tokens", f"max_tokens: prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds the context (max_model_len) of {self.max_model_len} tokens")
         bad_bias = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
         if bad_bias:
-            raise ValueError(f"logit_bias has token ids outside the vocabulary: {bad_bias[:5]}")
+            raise InvalidRequestError("logit_bias", f"logit_bias has token ids outside the vocabulary: {bad_bias[:5]}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival: float | None = None) -> None:
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, arrival)
         if params.structured_output is not None:
@@ -154,6 +157,7 @@ class LLMEngine:
         for item in sched.scheduled:
             if item.request.times.first_scheduled is None:
                 item.request.times.first_scheduled = now
+        self.num_steps += 1
         try:
             result = self.runner.execute(sched)
         except Exception as exc:  # a failed forward ends the requests in it; the engine goes on
@@ -166,8 +170,7 @@ class LLMEngine:
         self.scheduler.update(sched)
         outputs: list[RequestOutput] = []
         if sampling:
-            matchers = [req.matcher for req in sampling]
-            bitmask = self.structured.bitmask(matchers) if any(m is not None for m in matchers) else None
+            bitmask = self.structured.bitmask(sampling) if any(r.matcher is not None for r in sampling) else None
             sampled = self.sampler(result.logits, sampling, bitmask)
             now = time.monotonic()
             for req, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
@@ -186,30 +189,46 @@ class LLMEngine:
         req.prompt_logprobs[first + 1:first + 1 + len(rows)] = rows
 
     def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
-        req.token_ids.append(token)
-        self.generation_tokens_total += 1
+        """Append the sampled token, then any tokens the grammar forces next (jump-forward: they are
+        computed with the next step's forward instead of one step each)."""
         if req.times.first_token is None:
             req.times.first_token = now
         req.times.last_token = now
         if logprob is not None:
             req.cumulative_logprob += logprob.logprob
-        detok = self.detokenizers[req.request_id]
-        finish_reason, stop_reason = None, None
-        if req.matcher is not None and not req.matcher.accept_token(token):
-            raise RuntimeError(f"the grammar rejected sampled token {token}")
+        new_tokens = [token]
+        reason, stop_reason = self._accept(req, token)
+        if reason is None and req.matcher is not None and self.config.enable_jump_forward and req.params.logprobs is None:
+            for forced in self.structured.jump_forward_tokens(req.matcher, req.output_token_ids):
+                if not req.matcher.accept_token(forced):
+                    break
+                new_tokens.append(forced)
+                reason, stop_reason = self._accept(req, forced, grammar_accepted=True)
+                if reason is not None:
+                    break
+            self.jump_forward_tokens_total += len(new_tokens) - 1
+        logprobs = [logprob] if logprob else None
+        if reason is not None:
+            return self._finish(req, reason, stop_reason, new_tokens, logprobs)
+        return self._output(req, new_tokens, self.detokenizers[req.request_id].take(False), logprobs)
+
+    def _accept(self, req: Request, token: int, grammar_accepted: bool = False) -> tuple[str | None, str | int | None]:
+        """Add one output token; returns (finish reason, stop reason) if it ends the request."""
+        req.token_ids.append(token)
+        self.generation_tokens_total += 1
+        if req.matcher is not None and not grammar_accepted and not req.matcher.accept_token(token):
+            raise RuntimeError(f"the grammar rejected token {token}")
         if token in req.stop_token_ids or (req.matcher is not None and req.matcher.is_terminated()):
-            finish_reason, stop_reason = "stop", token
-        else:
-            detok.add_token(token)
-            if detok.stop_string is not None:
-                finish_reason, stop_reason = "stop", detok.stop_string
-            elif req.matcher is not None and self.structured.only_stop_allowed(req.matcher):
-                finish_reason = "stop"  # the structure is complete: no need to spend a step sampling EOS
-            elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-                finish_reason = "length"
-        if finish_reason is not None:
-            return self._finish(req, finish_reason, stop_reason, [token], [logprob] if logprob else None)
-        return self._output(req, [token], detok.take(False), [logprob] if logprob else None)
+            return "stop", token
+        detok = self.detokenizers[req.request_id]
+        detok.add_token(token)
+        if detok.stop_string is not None:
+            return "stop", detok.stop_string
+        if req.matcher is not None and self.structured.only_stop_allowed(req.matcher):
+            return "stop", None  # the structure is complete: no need to spend a step sampling EOS
+        if req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
 
     def _finish(self, req: Request, reason: str, stop_reason=None, new_tokens: list[int] | None = None,
                 new_logprobs=None, error: str | None = None) -> RequestOutput:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.errors import InvalidRequestError
 from engine.structured import StructuredOutputParams
 
 MAX_LOGPROBS = 20
@@ -71,7 +72,7 @@ class SamplingParams:
 
 def _check(ok: bool, param: str, rule: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"{param} {rule}, got {value!r}")
+        raise InvalidRequestError(param, f"{param} {rule}, got {value!r}")
 
 
 class RequestStatus(enum.Enum):

@@ -1,9 +1,9 @@
 """Batched sampling with per-request parameters in one set of tensor ops.
 
 Order: logit bias -> penalties -> grammar mask -> (greedy rows: argmax) -> temperature -> top-k -> top-p -> min-p ->
-draw. Draws use the exponential race (argmax of p / E with E ~ Exp(1)), which samples exactly from
-p; a request with a seed draws E from its own generator, so its output does not depend on which
-other requests share the batch. Logprobs are those of the model's raw distribution (as vLLM's).
+draw. A draw is one uniform number per row, placed on the row's cumulative distribution (inverse-CDF
+sampling, exact up to float rounding and O(1) random numbers per row); a request with a seed draws it
+from its own generator, so its output does not depend on which other requests share the batch. Logprobs are those of the model's raw distribution (as vLLM's).
 """
 
 from __future__ import annotations
@@ -109,13 +109,20 @@ class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
 
-    def exponential_noise(self, shape: tuple[int, int], reqs: list[Request], device: torch.device) -> torch.Tensor:
-        noise = torch.empty(shape).exponential_(generator=self.generator)
+    def uniforms(self, reqs: list[Request], device: torch.device) -> torch.Tensor:
+        """One number in (0, 1] per row: seeded rows from their own generator, the rest from the engine's."""
+        u = 1.0 - torch.rand(len(reqs), generator=self.generator, dtype=torch.float64)
         for row, req in enumerate(reqs):
             if req.generator is not None:
-                noise[row].exponential_(generator=req.generator)
-        # exponential_ can return exactly 0, which would turn a zero-probability token into 0/0 = NaN.
-        return noise.clamp_(min=1e-20).to(device)
+                u[row] = 1.0 - torch.rand(1, generator=req.generator, dtype=torch.float64)
+        return u.to(device)
+
+    def draw(self, probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Inverse-CDF draw: the first token whose cumulative probability reaches u * total. A token
+        with probability 0 adds nothing to the cumulative sum, so it can never be the first to reach it."""
+        cdf = probs.double().cumsum(dim=-1)
+        target = (self.uniforms(reqs, probs.device) * cdf[:, -1])[:, None]
+        return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request], bitmask=None) -> SamplerOutput:
         """``bitmask``: the grammar mask for the constrained rows (see engine.structured)."""
@@ -128,7 +135,7 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         if not all(r.params.greedy for r in reqs):
             probs = processed_probs(logits, reqs)
-            drawn = (probs / self.exponential_noise(probs.shape, reqs, probs.device)).argmax(dim=-1)
+            drawn = self.draw(probs, reqs)
             greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
             tokens = torch.where(greedy, tokens, drawn)
         token_list = tokens.tolist()

@@ -16,6 +16,11 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from engine.errors import InvalidRequestError
+
+
+JUMP_CONTEXT_TOKENS = 4
+
 
 @dataclass
 class StructuredOutputParams:
@@ -32,10 +37,10 @@ class StructuredOutputParams:
         chosen = [name for name in ("json_schema", "regex", "grammar", "choice", "structural_tag")
                   if getattr(self, name) is not None] + (["json_object"] if self.json_object else [])
         if len(chosen) != 1:
-            raise ValueError(f"structured_output: set exactly one of json_schema, json_object, regex, grammar, "
+            raise InvalidRequestError("structured_output", f"structured_output: set exactly one of json_schema, json_object, regex, grammar, "
                              f"choice, structural_tag (got {chosen or 'none'})")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
-            raise ValueError("choice: must be a non-empty list of strings")
+            raise InvalidRequestError("choice", "choice: must be a non-empty list of strings")
 
     @property
     def kind(self) -> str:
@@ -50,6 +55,12 @@ class StructuredOutputs:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(stop_token_ids) or None)
         self.vocab_size = vocab_size
+        # xgrammar's schema grammars admit raw control characters inside strings (xgrammar issue #286),
+        # which strict JSON parsers reject; with fixed separators no JSON token needs one, so JSON
+        # requests also get every token containing a byte below 0x20 masked out.
+        no_control = torch.tensor([all(b >= 0x20 for b in token) for token in info.decoded_vocab])
+        self.json_allowed = pack_bitmask(no_control)
+        self.tokenizer = tokenizer
         self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=True)
 
     def compile(self, spec: StructuredOutputParams) -> xgr.CompiledGrammar:
@@ -57,9 +68,10 @@ class StructuredOutputs:
         try:
             if spec.json_schema is not None:
                 schema = spec.json_schema if isinstance(spec.json_schema, str) else json.dumps(spec.json_schema)
+                # Fixed separators: a model that knows no JSON cannot pad it with endless blanks.
                 return self.compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
-            if spec.json_object:
-                return self.compiler.compile_builtin_json_grammar()
+            if spec.json_object:  # any object, with the same bounded whitespace as a schema
+                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if spec.regex is not None:
                 return self.compiler.compile_regex(spec.regex)
             if spec.grammar is not None:
@@ -70,7 +82,7 @@ class StructuredOutputs:
             tag = spec.structural_tag
             return self.compiler.compile_structural_tag(tag if isinstance(tag, (str, xgr.StructuralTag)) else json.dumps(tag))
         except (RuntimeError, ValueError, TypeError, xgr.InvalidJSONError, xgr.InvalidStructuralTagError) as exc:
-            raise ValueError(f"{spec.kind}: invalid {spec.kind.replace('_', ' ')}: {exc}") from exc
+            raise InvalidRequestError(spec.kind, f"{spec.kind}: invalid {spec.kind.replace('_', ' ')}: {exc}") from exc
 
     def matcher(self, spec: StructuredOutputParams) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(self.compile(spec), max_rollback_tokens=16)
@@ -84,15 +96,43 @@ class StructuredOutputs:
         allowed = torch.nonzero(unpack_bitmask(mask[0], self.vocab_size)).flatten().tolist()
         return set(allowed) <= set(matcher.stop_token_ids)
 
-    def bitmask(self, matchers: list[xgr.GrammarMatcher | None]) -> tuple[torch.Tensor, list[int]] | None:
+    def jump_forward_tokens(self, matcher: xgr.GrammarMatcher, output_ids: list[int]) -> list[int]:
+        """Tokens for the text the grammar forces next, as the model's own tokenizer would split it.
+
+        xgrammar's own split (longest vocabulary match) can differ from the tokenizer's, which would
+        put the model off its usual path; so the forced text is re-encoded after a few tokens of
+        context, and only the tokens past that context are used (the last one may still merge with
+        what follows, so it is left to sampling)."""
+        forced = matcher.find_jump_forward_string()
+        if not forced:
+            return []
+        context = self.tokenizer.decode(output_ids[-JUMP_CONTEXT_TOKENS:])
+        base = self.tokenizer.encode(context, add_special_tokens=False)
+        ids = self.tokenizer.encode(context + forced, add_special_tokens=False)
+        if ids[:len(base)] != base:
+            return []
+        return ids[len(base):-1]
+
+    def bitmask(self, reqs: list) -> tuple[torch.Tensor, list[int]] | None:
         """One bitmask for the batch: rows for the constrained requests (their row indices returned)."""
-        rows = [i for i, m in enumerate(matchers) if m is not None]
+        rows = [i for i, req in enumerate(reqs) if req.matcher is not None]
         if not rows:
             return None
-        mask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
+        mask = xgr.allocate_token_bitmask(len(reqs), self.vocab_size)
         for i in rows:
-            matchers[i].fill_next_token_bitmask(mask, i)
+            reqs[i].matcher.fill_next_token_bitmask(mask, i)
+            if reqs[i].params.structured_output.kind in ("json_schema", "json_object"):
+                mask[i] &= self.json_allowed
         return mask, rows
+
+
+def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:
+    """bool per token -> xgrammar's int32 bitmask row (bit j of word i is token 32 * i + j)."""
+    words = -(-len(allowed) // 32)
+    bits = torch.zeros(words * 32, dtype=torch.int64)
+    bits[:len(allowed)] = allowed.long()
+    packed = (bits.view(words, 32) << torch.arange(32)).sum(dim=1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 def unpack_bitmask(row: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -7,8 +7,6 @@ against OpenAI parse every failure the same way.
 
 from __future__ import annotations
 
-import re
-
 from fastapi.responses import JSONResponse
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -30,13 +28,11 @@ class APIError(Exception):
 
 
 def bad_request(exc: ValueError, renames: dict[str, str] | None = None) -> APIError:
-    """An engine/SamplingParams ``ValueError`` ("<param> must ...") as a 400 pointing at that field.
+    """An engine ``InvalidRequestError`` as a 400 pointing at the field the client sent.
 
     ``renames`` maps the engine's parameter name to the one the client sent (e.g. ``prompt`` ->
     ``messages`` for chat, ``max_tokens`` -> ``max_completion_tokens``).
     """
-    message = str(exc)
-    match = re.match(r"([a-z_]+)", message)
-    param = match.group(1) if match else None
+    param = getattr(exc, "param", None)
     param = {"prompt_token_ids": "prompt"}.get(param, param)
-    return APIError(400, message, (renames or {}).get(param, param))
+    return APIError(400, str(exc), (renames or {}).get(param, param))

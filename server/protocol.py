@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from engine import SamplingParams
+from engine.structured import StructuredOutputParams
 from server.errors import APIError, bad_request
 
 
@@ -47,10 +48,52 @@ class SamplingRequest(Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    def structured_output(self) -> tuple[StructuredOutputParams | None, str | None]:
+        """The constraint asked for, and the request field that asked for it (for error messages)."""
+        asked: list[tuple[str, dict[str, Any]]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type", "text") != "text":
+            if fmt.get("type") == "json_object":
+                asked.append(("response_format", {"json_object": True}))
+            elif fmt.get("type") == "json_schema":
+                schema = (fmt.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, (dict, bool)):
+                    raise APIError(400, "response_format.json_schema.schema must be a JSON Schema object", "response_format")
+                asked.append(("response_format", {"json_schema": schema}))
+            else:
+                raise APIError(400, f"response_format type must be text, json_object or json_schema, got {fmt.get('type')!r}",
+                               "response_format")
+        guided = {"json_schema": self.guided_json, "regex": self.guided_regex, "grammar": self.guided_grammar,
+                  "choice": self.guided_choice}
+        asked += [(f"guided_{'json' if k == 'json_schema' else k}", {k: v}) for k, v in guided.items() if v is not None]
+        if self.structured_outputs:
+            renamed = {"json": "json_schema"}
+            spec = {renamed.get(k, k): v for k, v in self.structured_outputs.items() if v is not None}
+            unknown = set(spec) - {"json_schema", "regex", "grammar", "choice", "json_object"}
+            if unknown:
+                raise APIError(400, f"structured_outputs has unknown keys {sorted(unknown)}", "structured_outputs")
+            asked.append(("structured_outputs", spec))
+        if not asked:
+            return None, None
+        if len(asked) > 1:
+            raise APIError(400, f"give one structured-output constraint, got {[field for field, _ in asked]}", asked[1][0])
+        field, spec = asked[0]
+        try:
+            return StructuredOutputParams(**spec), field
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, f"{field}: {exc}", field) from None
 
     def sampling_params(self, renames: dict[str, str] | None = None, **fields: Any) -> SamplingParams:
         """SamplingParams from the shared fields plus the API-specific ``fields``; ``None`` means
@@ -64,7 +107,8 @@ class SamplingRequest(Request):
                      logit_bias=bias, top_k=self.top_k, min_p=self.min_p,
                      repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
                      stop_token_ids=self.stop_token_ids, skip_special_tokens=self.skip_special_tokens,
-                     include_stop_str_in_output=self.include_stop_str_in_output, **fields)
+                     include_stop_str_in_output=self.include_stop_str_in_output,
+                     structured_output=self.structured_output()[0], **fields)
         try:
             return SamplingParams(**{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
@@ -100,7 +144,6 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
 

@@ -114,9 +114,23 @@ class ChoiceResult:
 
 
 class Generation:
-    """One HTTP request's engine work. Create it before answering (it validates and admits), then
-    consume ``events()`` exactly once; ``close()`` (idempotent) aborts what is left, releases the
-    admission slots and writes the request's log line."""
+    """One HTTP request's engine work. Make it with ``await Generation.create(...)`` before answering
+    (it validates, compiles any grammar and admits), then consume ``events()`` exactly once;
+    ``close()`` (idempotent) aborts what is left, releases the admission slots and writes the log line."""
+
+    @classmethod
+    async def create(cls, state: ServerState, prefix: str, choices: list[Choice],
+                     renames: dict[str, str] | None = None, grammar_field: str | None = None) -> Generation:
+        gen = cls(state, prefix, choices, renames)
+        spec = choices[0].params.structured_output
+        if spec is not None:  # compile off the event loop; a bad grammar is the client's 400
+            try:
+                await asyncio.to_thread(state.engine.engine.structured.compile, spec)
+            except ValueError as exc:
+                raise bad_request(exc, {spec.kind: grammar_field or spec.kind}) from None
+        state.admit(len(choices))
+        gen._admitted = True
+        return gen
 
     def __init__(self, state: ServerState, prefix: str, choices: list[Choice], renames: dict[str, str] | None = None):
         self.state = state
@@ -129,10 +143,10 @@ class Generation:
                 state.engine.engine.validate(choice.prompt_ids, choice.params)
             except ValueError as exc:
                 raise bad_request(exc, renames) from None
-        state.admit(len(choices))
         self.last: dict[int, RequestOutput] = {}
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        self._admitted = False
 
     async def events(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
         """Every choice's deltas as they come, interleaved; ends when all choices finished."""
@@ -140,7 +154,8 @@ class Generation:
 
         async def pump(choice: Choice) -> None:
             try:
-                async for out in self.state.engine.generate(f"{self.id}-{choice.index}", choice.prompt_ids, choice.params):
+                async for out in self.state.engine.generate(f"{self.id}-{choice.index}", choice.prompt_ids, choice.params,
+                                                            self.arrival):
                     queue.put_nowait((choice, out))
             except Exception as exc:  # delivered to the consumer; never lost in a task
                 queue.put_nowait((choice, exc))
@@ -165,7 +180,7 @@ class Generation:
                      total_tokens=sum(prompts.values()) + completion)
 
     def close(self) -> None:
-        if self._closed:
+        if self._closed or not self._admitted:
             return
         self._closed = True
         for task in self._tasks:  # a cancelled pump leaves generate(), which aborts its engine request

@@ -73,8 +73,8 @@ CASES = [
     ("best_of_below_n", "/v1/completions", {"prompt": "hi", "n": 3, "best_of": 2}, 400, "best_of"),
     ("best_of_streamed", "/v1/completions", {"prompt": "hi", "best_of": 3, "stream": True}, 400, "best_of"),
     ("suffix", "/v1/completions", {"prompt": "hi", "suffix": "bye"}, 400, "suffix"),
-    ("json_schema_response_format", "/v1/chat/completions",
-     {"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("unknown_response_format", "/v1/chat/completions",
+     {"messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
     ("detokenize_bad_id", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("unknown_route", "/v1/engines", {}, 404, None),
 ]

@@ -39,9 +39,6 @@ def chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[Token
 
 
 def _check_unsupported(body: ChatCompletionRequest) -> None:
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise APIError(400, f"response_format {body.response_format.get('type')!r} is not supported yet",
-                       "response_format")
     if body.tool_choice not in (None, "none", "auto"):
         raise APIError(400, "only tool_choice 'none' and 'auto' are supported yet", "tool_choice")
     if body.top_logprobs is not None and not body.logprobs:
@@ -63,7 +60,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     choices = [Choice(i, 0, prompt_ids, body.sampling_params(
         renames, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         seed=None if body.seed is None else body.seed + i)) for i in range(body.n)]
-    gen = Generation(state, "chatcmpl", choices, renames)
+    gen = await Generation.create(state, "chatcmpl", choices, renames, body.structured_output()[1])
 
     if body.stream:
         def chunk(choice: Choice, out: RequestOutput, first: bool) -> ChatCompletionChunk | None:

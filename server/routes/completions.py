@@ -85,7 +85,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                                           prompt_logprobs=body.logprobs if body.echo else None,
                                           seed=None if body.seed is None else body.seed + i)
             choices.append(Choice(p * best_of + i, p, ids, params))
-    gen = Generation(state, "cmpl", choices)
+    gen = await Generation.create(state, "cmpl", choices, grammar_field=body.structured_output()[1])
     fmt = LogprobFormatter(state)
     want_logprobs = body.logprobs is not None
 

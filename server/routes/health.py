@@ -17,7 +17,7 @@ router = APIRouter()
 async def health(request: Request) -> Response:
     """200 while the engine thread runs; 503 once it has died (so orchestrators restart us)."""
     engine = request.app.state.kvserve.engine
-    alive = engine._thread is not None and engine._thread.is_alive()
+    alive = engine.is_running
     return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
 
