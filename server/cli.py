@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="dummy: seeded random weights (benchmarks)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch", "reference"],
+                   help="auto: Triton kernels on CUDA, SDPA on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (faster decode; a minute or two more at start)")
@@ -90,6 +92,7 @@ def serve(args: argparse.Namespace) -> None:
             load_format=args.load_format, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, block_size=args.block_size,
+            attention_backend=args.attention_backend,
             compile=args.compile))
     except (ValueError, OSError) as exc:
         sys.exit(f"kvserve: cannot load {args.model}: {exc}")

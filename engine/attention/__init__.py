@@ -50,12 +50,17 @@ def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int 
 
 
 def get_backend(name: str, device: torch.device):
-    """'auto' picks Triton on CUDA (when available) and SDPA elsewhere."""
+    """'auto' picks the Triton kernels on CUDA and SDPA elsewhere."""
     from engine.attention import cpu, torch_ref
 
     backends = {"torch": cpu.SdpaBackend, "sdpa": cpu.SdpaBackend, "reference": torch_ref.ReferenceBackend}
     if name == "auto":
-        name = "torch"
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        # Imported only when chosen: Triton fixes at import whether it interprets (CPU tests) or compiles.
+        from engine.attention.triton_kernels import TritonBackend
+
+        return TritonBackend()
     if name not in backends:
-        raise ValueError(f"attention_backend: unsupported {name!r}; choose one of auto, {', '.join(backends)}")
+        raise ValueError(f"attention_backend: unsupported {name!r}; choose one of auto, triton, {', '.join(backends)}")
     return backends[name]()
