@@ -46,7 +46,6 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.on_step = None  # optional callback(list[RequestOutput]) run on the event loop, e.g. metrics
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -86,7 +85,7 @@ class AsyncEngine:
             raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
         self.engine.validate(prompt_token_ids, params)
         if params.structured_output is not None:  # compile here, off the step loop; errors are the caller's
-            await asyncio.to_thread(self.engine.structured.compile, params.structured_output)
+            await asyncio.to_thread(lambda: self.engine.structured.compile(params.structured_output))
         stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._streams[request_id] = stream
         self._submit(_Add(request_id, list(prompt_token_ids), params, arrival))
@@ -113,6 +112,14 @@ class AsyncEngine:
 
     # --- engine thread --------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop_steps()
+        finally:  # whatever ends this thread, no client may wait forever
+            error = RuntimeError("the engine stopped")
+            for request_id in list(self._streams):
+                self._loop.call_soon_threadsafe(self._deliver, request_id, error)
+
+    def _loop_steps(self) -> None:
         while not self._stopping:
             self._apply_commands()
             if not self.engine.has_unfinished_requests():
@@ -140,7 +147,7 @@ class AsyncEngine:
                 continue
             try:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.arrival)
-            except ValueError as exc:
+            except Exception as exc:  # the caller's error, never the engine thread's end
                 self._loop.call_soon_threadsafe(self._deliver, command.request_id, exc)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
@@ -151,5 +158,3 @@ class AsyncEngine:
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             self._deliver(out.request_id, out)
-        if self.on_step is not None:
-            self.on_step(outputs)

@@ -8,13 +8,16 @@ pick it back up; the free list is in LRU order, so the least recently freed bloc
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
 
-def hash_block(parent: int | None, token_ids: Sequence[int]) -> int:
-    """Chained hash: a block's identity includes everything before it."""
-    return hash((parent, tuple(token_ids)))
+def hash_block(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
+    """Chained SHA-256: a block's identity includes everything before it, and a crafted prompt cannot
+    collide with another tenant's prefix (Python's hash() could be made to)."""
+    return hashlib.sha256((parent or b"") + array("q", token_ids).tobytes()).digest()
 
 
 def num_kv_blocks(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -30,11 +33,11 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
-        self.prefix_queries = 0  # tokens looked up
-        self.prefix_hits = 0  # tokens found
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
+        self.prefix_queries = 0  # prompt tokens of admitted requests that looked up the cache
+        self.prefix_hits = 0  # of those, tokens found cached
 
     @property
     def num_free_blocks(self) -> int:
@@ -62,8 +65,6 @@ class KVCacheManager:
                 if block is None:
                     break
                 hits.append(block)
-        self.prefix_queries += len(token_ids)
-        self.prefix_hits += len(hits) * self.block_size
         return hits
 
     def allocate(self, block_table: list[int], num_tokens: int, cached_prefix: Sequence[int] = ()) -> bool:
@@ -91,7 +92,7 @@ class KVCacheManager:
             block_table.append(block)
         return True
 
-    def cache_full_blocks(self, block_table: list[int], block_hashes: list[int],
+    def cache_full_blocks(self, block_table: list[int], block_hashes: list[bytes],
                           token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """Register the hashes of blocks whose KV is now fully computed (extends ``block_hashes``)."""
         if not self.enable_prefix_caching:

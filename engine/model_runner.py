@@ -58,7 +58,8 @@ class ModelRunner:
                         + positions_t % self.block_size)
         meta = AttentionMetadata(slot_mapping=slot_mapping, query_start=query_start, context_lens=context_lens,
                                  block_tables=block_tables, block_size=self.block_size, scale=self.scale,
-                                 sliding_window=self.model.sliding_window)
+                                 sliding_window=self.model.sliding_window, num_kv_heads=self.num_kv_heads,
+                                 head_dim=self.head_dim, cache_dtype=self.kv_caches[0][0].dtype)
         return to_tensor(input_ids), positions_t, self.backend.build_metadata(meta), to_tensor(sample_rows)
 
     @torch.inference_mode()

@@ -25,10 +25,6 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     preempted: list[Request] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
 
 @dataclass
 class RunnerOutput:

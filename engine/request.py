@@ -108,7 +108,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
@@ -119,7 +119,7 @@ class Request:
         self.matcher = None  # xgrammar.GrammarMatcher when the output is constrained
         self.generator: torch.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+            self.generator = torch.Generator().manual_seed(params.seed % 2**64)  # any int, as OpenAI allows
 
     @property
     def num_tokens(self) -> int:

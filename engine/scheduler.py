@@ -3,7 +3,7 @@
 Each step, every request's ``num_computed_tokens`` catches up with its ``num_tokens`` as far as the
 budget allows: a decoding request needs one token, a prompt needs many and may be split into
 chunks across steps (chunked prefill), so prefills and decodes share a step. Running requests go
-first, in arrival order; then waiting ones are admitted while budget, sequence slots and blocks last.
+first, in admission order; then waiting ones are admitted while budget, sequence slots and blocks last.
 When blocks run out, the most recently admitted running request is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed later (its cached prefix blocks
 usually survive, so the recompute is cheap).
@@ -57,9 +57,10 @@ class Scheduler:
             num_computed = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_computed, budget)
             if not self.kv.allocate(req.block_table, num_computed + num_new, cached):
-                self.kv.prefix_queries -= req.num_tokens  # not admitted: this lookup did not count
-                self.kv.prefix_hits -= num_computed
                 break
+            if req.prompt_logprobs is None:
+                self.kv.prefix_queries += req.num_tokens
+                self.kv.prefix_hits += num_computed
             self.waiting.popleft()
             req.num_computed_tokens = num_computed
             if req.times.first_scheduled is None:

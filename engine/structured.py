@@ -4,7 +4,7 @@ One ``TokenizerInfo`` (with the model's real vocabulary size, which can exceed t
 caching ``GrammarCompiler`` per engine. Grammars compile before a request joins the batch (in a worker
 thread for the async engine), so a slow schema delays only its own request. Each step fills one
 bitmask row per constrained request; the sampler applies it (forbidden tokens -> -inf); accepted
-tokens advance the request's ``GrammarMatcher``, which can also roll back (for speculative decoding).
+tokens advance the request's ``GrammarMatcher`` (kept able to roll back 16 tokens, for speculative decoding).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One exception type for every error a client sees, rendered in OpenAI's error body.
 
-Routes raise ``APIError``; ``app.py`` turns it (and FastAPI's validation errors, and engine
-``ValueError``s) into ``{"error": {"message", "type", "param", "code"}}`` so clients written
+Routes raise ``APIError`` (engine ``InvalidRequestError``s become one through ``bad_request``);
+``app.py`` turns it, and FastAPI's validation errors, into ``{"error": {"message", "type", "param", "code"}}`` so clients written
 against OpenAI parse every failure the same way.
 """
 
@@ -20,7 +20,8 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
+        kind = _TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind,
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:

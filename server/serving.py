@@ -70,6 +70,9 @@ class ServerState:
 
     def admit(self, num_sequences: int) -> None:
         """Reserve room for ``num_sequences`` or refuse with 503: the queue never grows unbounded."""
+        if num_sequences > self.capacity:  # could never fit: retrying is pointless
+            raise APIError(400, f"the request needs {num_sequences} sequences (prompts x n / best_of); "
+                                f"this server runs at most {self.capacity}", "n")
         if self.num_sequences + num_sequences > self.capacity:
             raise APIError(503, f"server is at capacity ({self.num_sequences} sequences in flight, "
                                 f"--max-waiting-requests {self.settings.max_waiting_requests}); retry later",
@@ -125,7 +128,7 @@ class Generation:
         spec = choices[0].params.structured_output
         if spec is not None:  # compile off the event loop; a bad grammar is the client's 400
             try:
-                await asyncio.to_thread(state.engine.engine.structured.compile, spec)
+                await asyncio.to_thread(lambda: state.engine.engine.structured.compile(spec))
             except ValueError as exc:
                 raise bad_request(exc, {spec.kind: grammar_field or spec.kind}) from None
         state.admit(len(choices))

@@ -52,7 +52,8 @@ def build_batch(seqs, num_heads, num_kv_heads, head_dim, block_size, seed=0):
     new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, seqs)])
     write_kv(new_k, new_v, k_cache, v_cache, slot_mapping)
     meta = AttentionMetadata(slot_mapping=slot_mapping, query_start=query_start, context_lens=[c + n for c, n in seqs],
-                             block_tables=block_tables, block_size=block_size, scale=head_dim ** -0.5)
+                             block_tables=block_tables, block_size=block_size, scale=head_dim ** -0.5,
+                             num_kv_heads=num_kv_heads, head_dim=head_dim, cache_dtype=k_cache.dtype)
     return torch.cat(qs), k_cache, v_cache, meta, full_k, full_v
 
 

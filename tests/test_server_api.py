@@ -271,3 +271,12 @@ def test_one_log_line_per_finished_request(server, client):
     prompt_tokens = response.usage.prompt_tokens
     assert f"prompt_tokens={prompt_tokens} completion_tokens=8 " in lines[0]
     assert all(f" {field}=" in lines[0] for field in ("queue", "ttft", "total")) and lines[0].endswith("finish=length")
+
+
+def test_explicit_nulls_and_huge_seeds_are_accepted(client):
+    """The openai client sends null for optional fields it was given as None; seeds are any integer."""
+    out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, n=None, logprobs=None, stream=None,
+                                         seed=2**64 + 5, temperature=None)
+    assert out.choices[0].finish_reason == "length" and len(out.choices) == 1
+    again = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, seed=2**64 + 5, n=2)
+    assert len(again.choices) == 2

@@ -25,6 +25,9 @@ class AttentionMetadata:
     block_size: int
     scale: float
     sliding_window: int | None = None
+    num_kv_heads: int = 0  # the cache layout, for backends that size buffers up front
+    head_dim: int = 0
+    cache_dtype: torch.dtype = torch.float32
     backend_data: object = None  # whatever the backend precomputed for this step
 
 

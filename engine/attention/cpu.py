@@ -16,10 +16,30 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, visible
 
 
+class _Gather:
+    """K/V of some blocks, copied into buffers made once per step and reused by every layer: fresh
+    multi-megabyte tensors per layer cost more in page faults than the copy itself (measured 10x)."""
+
+    def __init__(self, blocks: torch.Tensor, meta: AttentionMetadata, compute: torch.dtype):
+        self.blocks = blocks
+        width = meta.block_size * meta.num_kv_heads * meta.head_dim
+        self.raw = [torch.empty(len(blocks), width, dtype=meta.cache_dtype, device=blocks.device) for _ in range(2)]
+        self.converted = None
+        if compute != meta.cache_dtype:
+            self.converted = [torch.empty(len(blocks), width, dtype=compute, device=blocks.device) for _ in range(2)]
+
+    def __call__(self, cache: torch.Tensor, which: int) -> torch.Tensor:
+        """[num_blocks * block_size, kv_heads, head_dim] in the compute dtype."""
+        out = torch.index_select(cache.view(cache.shape[0], -1), 0, self.blocks, out=self.raw[which])
+        if self.converted is not None:
+            out = self.converted[which].copy_(out)
+        return out.view(-1, *cache.shape[2:])
+
+
 @dataclass
 class _Decode:
     token_index: torch.Tensor | None  # [b] rows of the flat batch; None when every row decodes
-    blocks: torch.Tensor  # [b * max_blocks] block ids, padded
+    gather: _Gather  # b * max_blocks block ids, padded
     mask: torch.Tensor  # [b, 1, 1, max_blocks * block_size]
 
 
@@ -27,7 +47,7 @@ class _Decode:
 class _Prefill:
     start: int
     end: int
-    blocks: torch.Tensor  # [num_blocks] of this sequence
+    gather: _Gather  # this sequence's blocks
     mask: torch.Tensor | None  # [n, num_blocks * block_size]; None: plain causal over the chunk itself
 
 
@@ -40,6 +60,8 @@ class _SdpaPlan:
 class SdpaBackend:
     def build_metadata(self, meta: AttentionMetadata) -> AttentionMetadata:
         device, bs = meta.slot_mapping.device, meta.block_size
+        # CPUs without bf16/fp16 arithmetic run SDPA much faster in float32 (the upcast copies are small).
+        compute = torch.float32 if device.type == "cpu" else meta.cache_dtype
         num_new = [meta.query_start[i + 1] - meta.query_start[i] for i in range(len(meta.context_lens))]
         decode_rows = [i for i, n in enumerate(num_new) if n == 1]
         decode = None
@@ -52,7 +74,7 @@ class SdpaBackend:
             if len(decode_rows) < len(num_new):
                 token_index = torch.tensor([meta.query_start[i] for i in decode_rows], device=device)
             blocks = meta.block_tables[decode_rows, :num_blocks].flatten()
-            decode = _Decode(token_index, blocks, mask[:, None, None, :])
+            decode = _Decode(token_index, _Gather(blocks, meta, compute), mask[:, None, None, :])
         prefills = []
         for i, (ctx, n) in enumerate(zip(meta.context_lens, num_new)):
             if n == 1:
@@ -63,34 +85,31 @@ class SdpaBackend:
                 query_pos = torch.arange(ctx - n, ctx, device=device)
                 key_pos = torch.arange(num_blocks * bs, device=device)
                 mask = visible(query_pos[:, None], key_pos[None, :], meta.sliding_window)
-            prefills.append(_Prefill(meta.query_start[i], meta.query_start[i + 1], meta.block_tables[i, :num_blocks], mask))
+            prefills.append(_Prefill(meta.query_start[i], meta.query_start[i + 1],
+                                     _Gather(meta.block_tables[i, :num_blocks], meta, compute), mask))
         meta.backend_data = _SdpaPlan(decode, prefills)
         return meta
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         plan: _SdpaPlan = meta.backend_data
-        _, bs, kv_heads, head_dim = k_cache.shape
-        # CPUs without bf16/fp16 arithmetic run SDPA much faster in float32 (the upcast copies are small).
+        kv_heads, head_dim = k_cache.shape[2:]
         compute = torch.float32 if q.device.type == "cpu" else q.dtype
         out = torch.empty_like(q)
         if plan.decode is not None:
             d = plan.decode
             b = d.mask.shape[0]
-            kd = k_cache.index_select(0, d.blocks).view(b, -1, kv_heads, head_dim).transpose(1, 2).to(compute)
-            vd = v_cache.index_select(0, d.blocks).view(b, -1, kv_heads, head_dim).transpose(1, 2).to(compute)
+            kd = d.gather(k_cache, 0).view(b, -1, kv_heads, head_dim).transpose(1, 2)
+            vd = d.gather(v_cache, 1).view(b, -1, kv_heads, head_dim).transpose(1, 2)
             qd = q if d.token_index is None else q.index_select(0, d.token_index)
             od = F.scaled_dot_product_attention(qd.unsqueeze(2).to(compute), kd, vd, attn_mask=d.mask, scale=meta.scale,
                                                 enable_gqa=True).squeeze(2).to(q.dtype)  # [b, heads, d]
-            if d.token_index is None:
-                if not plan.prefills:
-                    return od
-                out.copy_(od)
-            else:
-                out.index_copy_(0, d.token_index, od)
+            if d.token_index is None:  # every row decodes: nothing else to fill in
+                return od
+            out.index_copy_(0, d.token_index, od)
         for p in plan.prefills:
-            kp = k_cache.index_select(0, p.blocks).view(1, -1, kv_heads, head_dim).transpose(1, 2).to(compute)
-            vp = v_cache.index_select(0, p.blocks).view(1, -1, kv_heads, head_dim).transpose(1, 2).to(compute)
+            kp = p.gather(k_cache, 0).transpose(0, 1).unsqueeze(0)
+            vp = p.gather(v_cache, 1).transpose(0, 1).unsqueeze(0)
             qp = q[p.start:p.end].transpose(0, 1).unsqueeze(0).to(compute)  # [1, heads, n, d]
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None,
                                                 scale=meta.scale, enable_gqa=True)
