@@ -16,24 +16,33 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, visible
 
 
+@dataclass
 class _Gather:
-    """K/V of some blocks, copied into buffers made once per step and reused by every layer: fresh
-    multi-megabyte tensors per layer cost more in page faults than the copy itself (measured 10x)."""
+    """Which blocks to read, and buffers for them made once per step and reused by every layer:
+    in eager mode, fresh multi-megabyte tensors per layer cost more in page faults than the copy."""
 
-    def __init__(self, blocks: torch.Tensor, meta: AttentionMetadata, compute: torch.dtype):
-        self.blocks = blocks
-        width = meta.block_size * meta.num_kv_heads * meta.head_dim
-        self.raw = [torch.empty(len(blocks), width, dtype=meta.cache_dtype, device=blocks.device) for _ in range(2)]
-        self.converted = None
-        if compute != meta.cache_dtype:
-            self.converted = [torch.empty(len(blocks), width, dtype=compute, device=blocks.device) for _ in range(2)]
+    blocks: torch.Tensor
+    raw: torch.Tensor  # [2 (K, V), num_blocks, block_size * kv_heads * head_dim] in the cache dtype
+    converted: torch.Tensor | None  # the same in the compute dtype, when it differs
 
-    def __call__(self, cache: torch.Tensor, which: int) -> torch.Tensor:
-        """[num_blocks * block_size, kv_heads, head_dim] in the compute dtype."""
-        out = torch.index_select(cache.view(cache.shape[0], -1), 0, self.blocks, out=self.raw[which])
-        if self.converted is not None:
-            out = self.converted[which].copy_(out)
-        return out.view(-1, *cache.shape[2:])
+
+def make_gather(blocks: torch.Tensor, meta: AttentionMetadata, compute: torch.dtype) -> _Gather:
+    shape = (2, len(blocks), meta.block_size * meta.num_kv_heads * meta.head_dim)
+    raw = torch.empty(shape, dtype=meta.cache_dtype, device=blocks.device)
+    converted = torch.empty(shape, dtype=compute, device=blocks.device) if compute != meta.cache_dtype else None
+    return _Gather(blocks, raw, converted)
+
+
+def gather(g: _Gather, cache: torch.Tensor, which: int, compute: torch.dtype) -> torch.Tensor:
+    """The blocks' K (which=0) or V (1) as [num_blocks * block_size, kv_heads, head_dim] in ``compute``."""
+    flat = cache.view(cache.shape[0], -1)
+    if torch.compiler.is_compiling():  # inductor plans its own buffers
+        out = flat.index_select(0, g.blocks).to(compute)
+    else:
+        out = torch.index_select(flat, 0, g.blocks, out=g.raw[which])
+        if g.converted is not None:
+            out = g.converted[which].copy_(out)
+    return out.view(-1, *cache.shape[2:])
 
 
 @dataclass
@@ -74,7 +83,7 @@ class SdpaBackend:
             if len(decode_rows) < len(num_new):
                 token_index = torch.tensor([meta.query_start[i] for i in decode_rows], device=device)
             blocks = meta.block_tables[decode_rows, :num_blocks].flatten()
-            decode = _Decode(token_index, _Gather(blocks, meta, compute), mask[:, None, None, :])
+            decode = _Decode(token_index, make_gather(blocks, meta, compute), mask[:, None, None, :])
         prefills = []
         for i, (ctx, n) in enumerate(zip(meta.context_lens, num_new)):
             if n == 1:
@@ -86,7 +95,7 @@ class SdpaBackend:
                 key_pos = torch.arange(num_blocks * bs, device=device)
                 mask = visible(query_pos[:, None], key_pos[None, :], meta.sliding_window)
             prefills.append(_Prefill(meta.query_start[i], meta.query_start[i + 1],
-                                     _Gather(meta.block_tables[i, :num_blocks], meta, compute), mask))
+                                     make_gather(meta.block_tables[i, :num_blocks], meta, compute), mask))
         meta.backend_data = _SdpaPlan(decode, prefills)
         return meta
 
@@ -99,8 +108,8 @@ class SdpaBackend:
         if plan.decode is not None:
             d = plan.decode
             b = d.mask.shape[0]
-            kd = d.gather(k_cache, 0).view(b, -1, kv_heads, head_dim).transpose(1, 2)
-            vd = d.gather(v_cache, 1).view(b, -1, kv_heads, head_dim).transpose(1, 2)
+            kd = gather(d.gather, k_cache, 0, compute).view(b, -1, kv_heads, head_dim).transpose(1, 2)
+            vd = gather(d.gather, v_cache, 1, compute).view(b, -1, kv_heads, head_dim).transpose(1, 2)
             qd = q if d.token_index is None else q.index_select(0, d.token_index)
             od = F.scaled_dot_product_attention(qd.unsqueeze(2).to(compute), kd, vd, attn_mask=d.mask, scale=meta.scale,
                                                 enable_gqa=True).squeeze(2).to(q.dtype)  # [b, heads, d]
@@ -108,8 +117,8 @@ class SdpaBackend:
                 return od
             out.index_copy_(0, d.token_index, od)
         for p in plan.prefills:
-            kp = p.gather(k_cache, 0).transpose(0, 1).unsqueeze(0)
-            vp = p.gather(v_cache, 1).transpose(0, 1).unsqueeze(0)
+            kp = gather(p.gather, k_cache, 0, compute).transpose(0, 1).unsqueeze(0)
+            vp = gather(p.gather, v_cache, 1, compute).transpose(0, 1).unsqueeze(0)
             qp = q[p.start:p.end].transpose(0, 1).unsqueeze(0).to(compute)  # [1, heads, n, d]
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None,
                                                 scale=meta.scale, enable_gqa=True)

@@ -73,12 +73,15 @@ CPU_HALF_MAX_ROWS = 4
 
 
 class Linear(nn.Linear):
-    _fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    _fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by prepare_cpu_half()
+
+    def prepare_cpu_half(self) -> None:
+        """Make the float32 copy once, after loading (made lazily, torch.compile would redo it every call)."""
+        if self.weight.device.type == "cpu" and self.weight.dtype != torch.float32:
+            self._fp32 = (self.weight.detach().float(), None if self.bias is None else self.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.weight.dtype != torch.float32 and x.shape[0] > CPU_HALF_MAX_ROWS:
-            if self._fp32 is None:
-                self._fp32 = (self.weight.float(), None if self.bias is None else self.bias.float())
+        if self._fp32 is not None and x.shape[0] > CPU_HALF_MAX_ROWS:
             return F.linear(x.float(), *self._fp32).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 

@@ -62,4 +62,7 @@ def load_model(model_path: str, backend, dtype: torch.dtype, device: torch.devic
         init_dummy_weights(model, seed, getattr(config, "initializer_range", 0.02))
     else:
         model.load_weights(iter_safetensors(safetensors_files(model_path)))
+    for module in model.modules():
+        if hasattr(module, "prepare_cpu_half"):
+            module.prepare_cpu_half()
     return model.eval()
