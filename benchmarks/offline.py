@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -32,15 +33,23 @@ def prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(num)]
 
 
-def run_kvserve(model_dir: Path, dtype: str, work: dict, batches: list[list[list[int]]], **engine_args) -> float:
+def run_kvserve(model_dir: Path, dtype: str, work: dict, batches: list[list[list[int]]], **engine_args) -> dict:
+    """Output tokens/s for the workload, and the median time to the first token of one fresh
+    prompt of the workload's length alone (the prefill a served request's TTFT is compared to)."""
     from engine import LLM, SamplingParams
 
     llm = LLM(str(model_dir), dtype=dtype, **engine_args)
     params = SamplingParams(max_tokens=work["output_len"], temperature=0, ignore_eos=True)
     llm.generate(prompt_token_ids=batches[0][:1], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    first_token_s = []
+    for prompt in prompts(5, work["input_len"], llm.engine.vocab_size, seed=1):  # unseen, so no prefix-cache hits
+        start = time.perf_counter()
+        llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=1, ignore_eos=True))
+        first_token_s.append(time.perf_counter() - start)
     start = time.perf_counter()
     produced = sum(len(o.token_ids) for batch in batches for o in llm.generate(prompt_token_ids=batch, sampling_params=params))
-    return produced / (time.perf_counter() - start)
+    return {"kvserve_out_tok_s": produced / (time.perf_counter() - start),
+            "kvserve_prefill_ms_p50": 1000 * statistics.median(first_token_s)}
 
 
 def run_hf(model_dir: Path, dtype: str, work: dict, batches: list[list[list[int]]]) -> float:
@@ -64,8 +73,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--workload", nargs="+", default=["w1", "w2"], choices=list(WORKLOADS))
     parser.add_argument("--model-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "kvserve", "bench-135m"))
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, help="default: the engine's")
+    parser.add_argument("--max-num-seqs", type=int, help="default: the workload's concurrency, as a served client sees it")
     parser.add_argument("--compile", action="store_true", help="kvserve with torch.compile'd decode steps")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/offline.json")
@@ -80,9 +89,9 @@ def main() -> None:
         all_prompts = prompts(work["num_requests"], work["input_len"], vocab)
         ours_batches = [[p] for p in all_prompts] if work["concurrency"] == 1 else [all_prompts]
         hf_batches = [all_prompts[i:i + work["concurrency"]] for i in range(0, len(all_prompts), work["concurrency"])]
-        row = {"kvserve_out_tok_s": run_kvserve(model_dir, args.dtype, work, ours_batches, kv_cache_memory="2GiB",
-                                                max_num_batched_tokens=args.max_num_batched_tokens,
-                                                max_num_seqs=args.max_num_seqs, compile=args.compile)}
+        row = run_kvserve(model_dir, args.dtype, work, ours_batches, kv_cache_memory="2GiB", compile=args.compile,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_num_seqs=args.max_num_seqs or work["concurrency"])
         if not args.skip_hf:
             row["hf_out_tok_s"] = run_hf(model_dir, args.dtype, work, hf_batches)
             row["speedup"] = row["kvserve_out_tok_s"] / row["hf_out_tok_s"]

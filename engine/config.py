@@ -53,7 +53,10 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | str = "2GiB"
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    # Tokens per step (decodes plus prefill chunks); None: 128 on CPU, 2048 on GPU. On CPU each
+    # prefill token adds ~1.8 ms to a step, so a bigger budget stalls every running stream: with 16
+    # streams, 512 gave ITL p99/p50 = 6, 128 gave 2.7 at the same throughput and lower TTFT.
+    max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
     attention_backend: str = "auto"
@@ -70,8 +73,10 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         self.kv_cache_bytes = parse_memory(self.kv_cache_memory)
         self.torch_device = resolve_device(self.device)
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 2048 if self.torch_device.type == "cuda" else 128
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)

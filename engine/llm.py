@@ -14,7 +14,7 @@ from engine.request import SamplingParams
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto", device: str = "auto",
                  load_format: str = "auto", max_model_len: int | None = None, kv_cache_memory: int | str = "2GiB",
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  seed: int = 0, block_size: int = 16, attention_backend: str = "auto", compile: bool = False,
                  enable_jump_forward: bool = True):
         self.engine = LLMEngine(EngineConfig(

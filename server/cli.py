@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--kv-cache-memory", default="2GiB", help="KV cache budget, e.g. 2GiB, 512MiB")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="tokens per engine step (default: 128 on CPU, 2048 on GPU)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="dummy: seeded random weights (benchmarks)")
@@ -87,7 +88,7 @@ def serve(args: argparse.Namespace) -> None:
     logger.info("loading %s", model_path)
     start = time.monotonic()
     try:
-        engine = AsyncEngine.from_config(EngineConfig(
+        engine = AsyncEngine(EngineConfig(
             model=model_path, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
             load_format=args.load_format, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

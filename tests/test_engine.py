@@ -138,7 +138,7 @@ def test_bad_input_raises_value_error_naming_parameter_and_leaves_others_alone(s
 
 def test_async_engine_streams_and_abort_frees_blocks():
     async def main():
-        engine = AsyncEngine.from_config(EngineConfig(model=str(STORIES), dtype="float32", kv_cache_memory="8MiB"))
+        engine = AsyncEngine(EngineConfig(model=str(STORIES), dtype="float32", kv_cache_memory="8MiB"))
         engine.start()
         try:
             greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
