@@ -124,6 +124,7 @@ class Sampler:
         target = (self.uniforms(reqs, probs.device) * cdf[:, -1])[:, None]
         return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
+    @torch.inference_mode()  # the logits are inference tensors: in-place edits need the same mode
     def __call__(self, logits: torch.Tensor, reqs: list[Request], bitmask=None) -> SamplerOutput:
         """``bitmask``: the grammar mask for the constrained rows (see engine.structured)."""
         raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None

@@ -60,6 +60,9 @@ class StructuredOutputs:
         # requests also get every token containing a byte below 0x20 masked out.
         no_control = torch.tensor([all(b >= 0x20 for b in token) for token in info.decoded_vocab])
         self.json_allowed = pack_bitmask(no_control)
+        not_stop = torch.ones(vocab_size, dtype=torch.bool)
+        not_stop[sorted(i for i in info.stop_token_ids if i < vocab_size)] = False
+        self.not_stop = pack_bitmask(not_stop)
         self.tokenizer = tokenizer
         self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=True)
 
@@ -93,8 +96,7 @@ class StructuredOutputs:
             return False
         mask = xgr.allocate_token_bitmask(1, self.vocab_size)
         matcher.fill_next_token_bitmask(mask, 0)
-        allowed = torch.nonzero(unpack_bitmask(mask[0], self.vocab_size)).flatten().tolist()
-        return set(allowed) <= set(matcher.stop_token_ids)
+        return not bool((mask[0] & self.not_stop).any())
 
     def jump_forward_tokens(self, matcher: xgr.GrammarMatcher, output_ids: list[int]) -> list[int]:
         """Tokens for the text the grammar forces next, as the model's own tokenizer would split it.
@@ -133,12 +135,6 @@ def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:
     bits[:len(allowed)] = allowed.long()
     packed = (bits.view(words, 32) << torch.arange(32)).sum(dim=1)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-
-
-def unpack_bitmask(row: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """An int32 bitmask row -> bool per token."""
-    bits = (row[:, None] >> torch.arange(32, dtype=torch.int32)[None, :]) & 1
-    return bits.flatten()[:vocab_size].bool()
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: tuple[torch.Tensor, list[int]] | None) -> None:

@@ -6,15 +6,28 @@ we only normalise what OpenAI allows and templates do not expect (text-part list
 
 from __future__ import annotations
 
+import json
+
 from server.errors import APIError
 from server.protocol import ChatMessage
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the plain dicts templates index into; text parts joined, other parts refused."""
+    """Messages as the plain dicts templates index into; text parts joined, other parts refused.
+
+    Assistant ``tool_calls`` carry their arguments as a JSON string (OpenAI's shape); templates
+    print them with ``| tojson``, so they get the parsed object, as Hugging Face's templates expect."""
     rendered = []
     for i, message in enumerate(messages):
+        if message.role == "tool" and message.tool_call_id is None:
+            raise APIError(400, f"messages[{i}]: a tool message needs the tool_call_id it answers",
+                           f"messages.{i}.tool_call_id")
         item = message.model_dump(exclude_none=True)
+        for call in item.get("tool_calls", []):
+            try:
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+            except json.JSONDecodeError:
+                pass  # not JSON: the template shows the text as sent
         if isinstance(message.content, list):
             kinds = {part.type for part in message.content} - {"text"}
             if kinds:

@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
                    help="sequences allowed to wait beyond --max-num-seqs; more get 503 + Retry-After")
     p.add_argument("--max-n", type=int, default=16, help="largest n / best_of a request may ask for")
     p.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's own)")
+    p.add_argument("--tool-call-parser", default="auto", choices=["auto", "hermes", "llama3_json", "mistral"],
+                   help="the model's tool-call syntax (auto: read it from the chat template)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish")
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
@@ -100,7 +102,7 @@ def serve(args: argparse.Namespace) -> None:
     logger.info("model loaded in %.1fs", time.monotonic() - start)
     settings = Settings(model_path=model_path, served_model_names=args.served_model_name or [args.model],
                         api_key=args.api_key, max_waiting_requests=args.max_waiting_requests, max_n=args.max_n,
-                        chat_template=chat_template)
+                        chat_template=chat_template, tool_call_parser=args.tool_call_parser)
     app = create_app(engine, settings)
     # uvicorn re-raises SIGTERM/SIGINT once it has drained and stopped the engine; by then shutdown
     # is complete, so make that a clean exit (status 0) instead of death by signal.

@@ -25,6 +25,7 @@ from starlette.responses import StreamingResponse
 from engine import AsyncEngine, RequestOutput, SamplingParams, TokenLogprob
 from server.errors import APIError, bad_request
 from server.protocol import Usage
+from server.tool_calls import SYNTAXES, detect_syntax
 
 logger = logging.getLogger("kvserve.requests")
 
@@ -39,6 +40,7 @@ class Settings:
     max_waiting_requests: int = 256
     max_n: int = 16
     chat_template: str | None = None
+    tool_call_parser: str = "auto"  # or a name in server.tool_calls.SYNTAXES
     retry_after_s: int = 1
 
 
@@ -54,6 +56,8 @@ class ServerState:
         self.capacity = engine.engine.config.max_num_seqs + settings.max_waiting_requests
         self.num_sequences = 0  # admitted engine requests not yet finished
         self.token_text = lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
+        self.tool_syntax = (SYNTAXES[settings.tool_call_parser] if settings.tool_call_parser != "auto" else
+                            detect_syntax(settings.chat_template or getattr(self.tokenizer, "chat_template", None)))
 
     @property
     def model_name(self) -> str:

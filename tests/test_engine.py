@@ -67,6 +67,15 @@ def test_stop_strings_are_cut_and_stop_tokens_reported(stories):
     assert length.finish_reason == "length" and len(length.token_ids) == 7
 
 
+def test_logit_bias_and_penalties_apply_to_real_logits(stories):
+    """Through the engine, not on a cloned tensor: the forward's logits are inference tensors."""
+    plain, biased, penalised = stories.generate(prompt_token_ids=[[1]] * 3, sampling_params=[
+        SamplingParams(max_tokens=8, temperature=0), SamplingParams(max_tokens=8, temperature=0, logit_bias={300: 100.0}),
+        SamplingParams(max_tokens=8, temperature=0, frequency_penalty=2.0, repetition_penalty=1.5)])
+    assert biased.token_ids == [300] * 8 and plain.token_ids != biased.token_ids
+    assert penalised.finish_reason == "length" and len(penalised.token_ids) == 8
+
+
 def test_seeded_sampling_reproducible_across_batch_compositions(stories):
     seeded = SamplingParams(max_tokens=40, temperature=1.0, top_k=50, seed=42)
     alone = stories.generate(["Once upon a time"], seeded)[0]

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from engine import RequestOutput, TokenLogprob
+from engine.structured import StructuredOutputParams
 from server.chat_template import render_chat
 from server.errors import APIError
 from server.protocol import (
@@ -18,9 +19,14 @@ from server.protocol import (
     ChatLogprobs,
     ChatMessageOut,
     ChatTokenLogprob,
+    FunctionCallDelta,
+    FunctionCallOut,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
 )
-from server.serving import Choice, Generation, ServerState, collect, stream
+from server.serving import Choice, ChoiceResult, Generation, ServerState, collect, stream
+from server.tool_calls import ParserDelta, ToolCallParser, ToolRequest, finish_reason
 
 router = APIRouter()
 
@@ -39,10 +45,35 @@ def chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[Token
 
 
 def _check_unsupported(body: ChatCompletionRequest) -> None:
-    if body.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "only tool_choice 'none' and 'auto' are supported yet", "tool_choice")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+
+
+def _constraint(state: ServerState, body: ChatCompletionRequest,
+                tools: ToolRequest | None) -> tuple[StructuredOutputParams | None, str | None]:
+    """The grammar for this request: its response_format (or the like), or its tool calls."""
+    structured, field = body.structured_output()
+    if tools is None:
+        return structured, field
+    if structured is not None:
+        raise APIError(400, f"{field} cannot be combined with tools unless tool_choice is none", field)
+    return StructuredOutputParams(structural_tag=tools.structural_tag(state.tool_syntax)), "tools"
+
+
+def _call_deltas(delta: ParserDelta) -> list[ToolCallDelta] | None:
+    return [ToolCallDelta(index=c.index, id=c.id, type="function" if c.id else None,
+                          function=FunctionCallDelta(name=c.name, arguments=c.arguments))
+            for c in delta.calls] or None
+
+
+def _message(state: ServerState, result: ChoiceResult, tools: ToolRequest | None) -> tuple[ChatMessageOut, str | None]:
+    if tools is None:
+        return ChatMessageOut(content=result.text), result.finish_reason
+    parser = ToolCallParser(state.tool_syntax)
+    parser.feed(result.text, final=True)
+    calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in parser.calls]
+    return (ChatMessageOut(content=parser.content or (None if calls else ""), tool_calls=calls or None),
+            finish_reason(result.finish_reason, parser.calls))
 
 
 @router.post("/v1/chat/completions")
@@ -51,26 +82,40 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.check_model(body.model)
     state.check_n(body.n)
     _check_unsupported(body)
-    prompt_ids = render_chat(state.tokenizer, body.messages, state.settings.chat_template, body.tools,
-                             body.add_generation_prompt)
+    tools = ToolRequest.from_body(body.tools, body.tool_choice, body.parallel_tool_calls)
+    structured, grammar_field = _constraint(state, body, tools)
+    # tool_choice none: the tools are left out of the prompt too, so no call is possible.
+    prompt_ids = render_chat(state.tokenizer, body.messages, state.settings.chat_template,
+                             body.tools if tools else None, body.add_generation_prompt)
+    # A marker that is a special token (mistral's [TOOL_CALLS]) must survive detokenization.
+    keep_marker = tools is not None and state.tool_syntax.marker in state.tokenizer.all_special_tokens
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     sent = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = sent if sent is not None else max(1, state.max_model_len - len(prompt_ids))  # up to the context
     renames = {"prompt": "messages", "max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
     choices = [Choice(i, 0, prompt_ids, body.sampling_params(
         renames, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-        seed=None if body.seed is None else body.seed + i)) for i in range(body.n)]
-    gen = await Generation.create(state, "chatcmpl", choices, renames, body.structured_output()[1])
+        seed=None if body.seed is None else body.seed + i, structured_output=structured,
+        skip_special_tokens=False if keep_marker else body.skip_special_tokens)) for i in range(body.n)]
+    gen = await Generation.create(state, "chatcmpl", choices, renames, grammar_field)
 
     if body.stream:
+        parsers = {choice.index: ToolCallParser(state.tool_syntax) for choice in choices} if tools else {}
+
         def chunk(choice: Choice, out: RequestOutput, first: bool) -> ChatCompletionChunk | None:
-            if not (first or out.new_text or out.new_logprobs or out.finished):
+            content, calls, reason = out.new_text, None, out.finish_reason
+            if tools is not None:
+                parsed = parsers[choice.index].feed(out.new_text, final=out.finished)
+                content, calls = parsed.content, _call_deltas(parsed)
+                reason = finish_reason(out.finish_reason, parsers[choice.index].calls)
+            if not (first or content or calls or out.new_logprobs or out.finished):
                 return None
-            delta = ChatDelta(role="assistant" if first else None, content=out.new_text or ("" if first else None))
+            delta = ChatDelta(role="assistant" if first else None, content=content or ("" if first else None),
+                              tool_calls=calls)
             logprobs = chat_logprobs(state, out.new_token_ids, out.new_logprobs) if out.new_logprobs else None
             return ChatCompletionChunk(id=gen.id, created=gen.created, model=state.model_name, choices=[
                 ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs,
-                                finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
+                                finish_reason=reason, stop_reason=out.stop_reason)])
 
         def usage_chunk(usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=gen.id, created=gen.created, model=state.model_name, choices=[], usage=usage)
@@ -78,8 +123,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         return stream(gen, chunk, usage_chunk if body.include_usage else None)
 
     results = await collect(request, gen)
+    messages = [_message(state, r, tools) for r in results]
     response = ChatCompletionResponse(id=gen.id, created=gen.created, model=state.model_name, usage=gen.usage(), choices=[
-        ChatChoice(index=r.choice.index, message=ChatMessageOut(content=r.text),
-                   logprobs=chat_logprobs(state, r.token_ids, r.logprobs) if body.logprobs else None,
-                   finish_reason=r.finish_reason, stop_reason=r.stop_reason) for r in results])
+        ChatChoice(index=r.choice.index, message=message, finish_reason=reason, stop_reason=r.stop_reason,
+                   logprobs=chat_logprobs(state, r.token_ids, r.logprobs) if body.logprobs else None)
+        for r, (message, reason) in zip(results, messages)])
     return Response(response.model_dump_json(), media_type="application/json")

@@ -19,8 +19,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of prompt and messages", "prompt")
     if body.messages is not None:
-        tokens = render_chat(state.tokenizer, body.messages, state.settings.chat_template,
-                             add_generation_prompt=body.add_generation_prompt)
+        tokens = render_chat(state.tokenizer, body.messages, state.settings.chat_template, body.tools,
+                             body.add_generation_prompt)
     else:
         tokens = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
