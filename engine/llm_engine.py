@@ -255,4 +255,5 @@ class LLMEngine:
                            num_free_blocks=self.kv.num_free_blocks, num_blocks=self.kv.num_blocks,
                            kv_cache_usage=self.kv.usage, prefix_cache_queries=self.kv.prefix_queries,
                            prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
-                           prompt_tokens=self.prompt_tokens_total, generation_tokens=self.generation_tokens_total)
+                           prompt_tokens=self.prompt_tokens_total, generation_tokens=self.generation_tokens_total,
+                           jump_forward_tokens=self.jump_forward_tokens_total)

@@ -95,3 +95,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    jump_forward_tokens: int
+    # Speculative decoding is not built yet (issue 6): nothing is drafted, so both stay 0.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0

@@ -15,12 +15,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import AsyncEngine
 from server.errors import APIError
+from server.metrics import HTTPMetrics
 from server.routes import chat, completions, health, models, tokenize
 from server.serving import ServerState, Settings
 
 logger = logging.getLogger("kvserve.server")
 
-OPEN_PATHS = {"/health", "/version"}  # probes must work without the key
+ROUTE_MODULES = (completions, chat, models, health, tokenize)
+OPEN_PATHS = {"/health", "/version", "/metrics"}  # probes and scrapers work without the key
 
 
 class RequestIdAndAuth:
@@ -80,9 +82,12 @@ def create_app(engine: AsyncEngine, settings: Settings) -> FastAPI:
     app = FastAPI(title="kvserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kvserve = ServerState(engine, settings)
     app.state.started = int(time.time())
-    for module in (completions, chat, models, health, tokenize):
+    for module in ROUTE_MODULES:
         app.include_router(module.router)
     app.add_middleware(RequestIdAndAuth, api_key=settings.api_key)
+    state = app.state.kvserve
+    paths = {route.path for module in ROUTE_MODULES for route in module.router.routes}
+    app.add_middleware(HTTPMetrics, metrics=state.metrics, routes=paths)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):

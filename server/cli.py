@@ -6,6 +6,7 @@ Flags are named like vLLM's so deployment scripts carry over.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -54,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds to let in-flight requests finish")
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one JSON object per line (per-request lines carry their fields as keys)")
     return root
 
 
@@ -112,9 +115,23 @@ def serve(args: argparse.Namespace) -> None:
                 access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
 
 
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line for log shippers; a record's ``fields`` extra becomes top-level keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JSONFormatter() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if args.command == "serve":
         serve(args)
 

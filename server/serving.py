@@ -24,6 +24,7 @@ from starlette.responses import StreamingResponse
 
 from engine import AsyncEngine, RequestOutput, SamplingParams, TokenLogprob
 from server.errors import APIError, bad_request
+from server.metrics import Metrics
 from server.protocol import Usage
 from server.tool_calls import SYNTAXES, detect_syntax
 
@@ -56,6 +57,7 @@ class ServerState:
         self.capacity = engine.engine.config.max_num_seqs + settings.max_waiting_requests
         self.num_sequences = 0  # admitted engine requests not yet finished
         self.token_text = lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
+        self.metrics = Metrics(self.model_name, engine.stats)
         self.tool_syntax = (SYNTAXES[settings.tool_call_parser] if settings.tool_call_parser != "auto" else
                             detect_syntax(settings.chat_template or getattr(self.tokenizer, "chat_template", None)))
 
@@ -131,10 +133,15 @@ class Generation:
         gen = cls(state, prefix, choices, renames)
         spec = choices[0].params.structured_output
         if spec is not None:  # compile off the event loop; a bad grammar is the client's 400
+            compiler = state.engine.engine.structured.compiler
+            cached_bytes, start = compiler.get_cache_size_bytes(), time.perf_counter()
             try:
                 await asyncio.to_thread(lambda: state.engine.engine.structured.compile(spec))
             except ValueError as exc:
                 raise bad_request(exc, {spec.kind: grammar_field or spec.kind}) from None
+            state.metrics.labels(state.metrics.compile).observe(time.perf_counter() - start)
+            if compiler.get_cache_size_bytes() == cached_bytes:  # nothing new was cached: a hit
+                state.metrics.labels(state.metrics.grammar_cache_hits).inc()
         state.admit(len(choices))
         gen._admitted = True
         return gen
@@ -151,6 +158,7 @@ class Generation:
             except ValueError as exc:
                 raise bad_request(exc, renames) from None
         self.last: dict[int, RequestOutput] = {}
+        self._last_delta: dict[int, float] = {}  # choice index -> when its latest tokens arrived
         self._tasks: list[asyncio.Task] = []
         self._closed = False
         self._admitted = False
@@ -174,11 +182,21 @@ class Generation:
                 choice, item = await queue.get()
                 if isinstance(item, Exception):
                     raise item
+                self._observe(choice, item)
                 self.last[choice.index] = item
                 remaining -= item.finished
                 yield choice, item
         finally:
             self.close()
+
+    def _observe(self, choice: Choice, out: RequestOutput) -> None:
+        metrics, now = self.state.metrics, time.monotonic()
+        if out.new_token_ids and choice.index in self._last_delta:
+            metrics.observe_tokens(now - self._last_delta[choice.index], len(out.new_token_ids))
+        if out.new_token_ids:
+            self._last_delta[choice.index] = now
+        if out.finished:
+            metrics.observe_finished(out, len(choice.prompt_ids), self.arrival)
 
     def usage(self) -> Usage:
         prompts = {c.prompt_index: len(c.prompt_ids) for c in self.choices}
@@ -196,19 +214,26 @@ class Generation:
         self._log()
 
     def _log(self) -> None:
+        """One line per request; with ``--log-format json`` its fields are JSON keys too."""
         outs = list(self.last.values())
         times = [o.times for o in outs if o.times is not None]
-        unfinished = len(outs) < len(self.choices) or not all(o.finished for o in outs)
-        reasons = "abort" if unfinished else ",".join(sorted({o.finish_reason or "" for o in outs}))
+        aborted = len(self.choices) - sum(o.finished for o in outs)
+        if aborted:
+            self.state.metrics.labels(self.state.metrics.request_success, finished_reason="abort").inc(aborted)
+        reasons = "abort" if aborted else ",".join(sorted({o.finish_reason or "" for o in outs}))
 
-        def since_arrival(values: list[float | None]) -> str:
+        def since_arrival(values: list[float | None]) -> float | None:
             present = [v for v in values if v is not None]
-            return f"{(min(present) - self.arrival) * 1000:.1f}ms" if present else "-"
+            return round((min(present) - self.arrival) * 1000, 1) if present else None
 
-        logger.info("%s prompt_tokens=%d completion_tokens=%d queue=%s ttft=%s total=%.1fms finish=%s",
-                    self.id, self.usage().prompt_tokens, self.usage().completion_tokens,
-                    since_arrival([t.first_scheduled for t in times]), since_arrival([t.first_token for t in times]),
-                    (time.monotonic() - self.arrival) * 1000, reasons)
+        usage = self.usage()
+        fields = {"request_id": self.id, "prompt_tokens": usage.prompt_tokens,
+                  "completion_tokens": usage.completion_tokens,
+                  "queue_ms": since_arrival([t.first_scheduled for t in times]),
+                  "ttft_ms": since_arrival([t.first_token for t in times]),
+                  "total_ms": round((time.monotonic() - self.arrival) * 1000, 1), "finish_reason": reasons}
+        logger.info("%s prompt_tokens=%d completion_tokens=%d queue=%sms ttft=%sms total=%.1fms finish=%s",
+                    *fields.values(), extra={"fields": fields})
 
 
 async def collect(request: Request, gen: Generation) -> list[ChoiceResult]:

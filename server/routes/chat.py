@@ -66,11 +66,18 @@ def _call_deltas(delta: ParserDelta) -> list[ToolCallDelta] | None:
             for c in delta.calls] or None
 
 
+def _count_unfinished_calls(state: ServerState, parser: ToolCallParser) -> None:
+    unfinished = sum(not call.complete for call in parser.calls)
+    if unfinished:
+        state.metrics.labels(state.metrics.tool_call_parse_failures).inc(unfinished)
+
+
 def _message(state: ServerState, result: ChoiceResult, tools: ToolRequest | None) -> tuple[ChatMessageOut, str | None]:
     if tools is None:
         return ChatMessageOut(content=result.text), result.finish_reason
     parser = ToolCallParser(state.tool_syntax)
     parser.feed(result.text, final=True)
+    _count_unfinished_calls(state, parser)
     calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in parser.calls]
     return (ChatMessageOut(content=parser.content or (None if calls else ""), tool_calls=calls or None),
             finish_reason(result.finish_reason, parser.calls))
@@ -107,6 +114,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             if tools is not None:
                 parsed = parsers[choice.index].feed(out.new_text, final=out.finished)
                 content, calls = parsed.content, _call_deltas(parsed)
+                if out.finished:
+                    _count_unfinished_calls(state, parsers[choice.index])
                 reason = finish_reason(out.finish_reason, parsers[choice.index].calls)
             if not (first or content or calls or out.new_logprobs or out.finished):
                 return None

@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.serving import ServerState
 
@@ -27,6 +28,13 @@ async def server_version() -> dict:
         return {"version": version("kvserve")}
     except PackageNotFoundError:
         return {"version": "unknown"}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition of this server's registry (see server/metrics.py)."""
+    registry = request.app.state.kvserve.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/internal/stats")
