@@ -23,6 +23,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 from engine import AsyncEngine, RequestOutput, SamplingParams, TokenLogprob
+from server.chat_template import ChatRenderer
 from server.errors import APIError, bad_request
 from server.metrics import Metrics
 from server.protocol import Usage
@@ -58,6 +59,7 @@ class ServerState:
         self.num_sequences = 0  # admitted engine requests not yet finished
         self.token_text = lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
         self.metrics = Metrics(self.model_name, engine.stats)
+        self.chat = ChatRenderer(self.tokenizer, settings.chat_template)
         self.tool_syntax = (SYNTAXES[settings.tool_call_parser] if settings.tool_call_parser != "auto" else
                             detect_syntax(settings.chat_template or getattr(self.tokenizer, "chat_template", None)))
 

@@ -184,3 +184,29 @@ def test_bad_tool_input_is_400(server, body, param):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+CHATML_WITHOUT_TOOLS = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_template_without_tools_gets_hermes_tool_prompt(tiny_model, tmp_path):
+    """SmolLM2-style ChatML ignores ``tools``: they arrive as a Hermes system prompt, calls and results as text."""
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML_WITHOUT_TOOLS)
+    tools = TOOL_SETS["enums"]
+    with running_server(tiny_model("llama"), "--kv-cache-memory", "16MiB", "--served-model-name", "tiny",
+                        "--chat-template", str(template)) as srv:
+        response = srv.client().chat.completions.create(model="tiny", messages=MESSAGES, tools=tools, temperature=1.0,
+                                                        tool_choice="required", seed=1, max_tokens=120)
+        call = response.choices[0].message.tool_calls[0]
+        assert_valid(call, tools)
+        conversation = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                                   {"role": "tool", "tool_call_id": call.id, "content": "done"}]
+        tokens = httpx.post(f"{srv.url}/tokenize", json={"messages": conversation, "tools": tools}).json()["tokens"]
+        text = httpx.post(f"{srv.url}/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert text.startswith("<|im_start|>system\n# Tools\n")
+    assert json.dumps(tools[0], ensure_ascii=False) in text
+    arguments = json.dumps(json.loads(call.function.arguments), ensure_ascii=False)
+    assert f'<|im_start|>assistant\n<tool_call>\n{{"name": "set_mode", "arguments": {arguments}}}\n</tool_call><|im_end|>' in text
+    assert "<|im_start|>user\n<tool_response>\ndone\n</tool_response><|im_end|>" in text

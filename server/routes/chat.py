@@ -7,7 +7,6 @@ from fastapi.responses import Response
 
 from engine import RequestOutput, TokenLogprob
 from engine.structured import StructuredOutputParams
-from server.chat_template import render_chat
 from server.errors import APIError
 from server.protocol import (
     ChatChoice,
@@ -92,8 +91,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     tools = ToolRequest.from_body(body.tools, body.tool_choice, body.parallel_tool_calls)
     structured, grammar_field = _constraint(state, body, tools)
     # tool_choice none: the tools are left out of the prompt too, so no call is possible.
-    prompt_ids = render_chat(state.tokenizer, body.messages, state.settings.chat_template,
-                             body.tools if tools else None, body.add_generation_prompt)
+    prompt_ids = state.chat.render(body.messages, body.tools if tools else None, body.add_generation_prompt)
     # A marker that is a special token (mistral's [TOOL_CALLS]) must survive detokenization.
     keep_marker = tools is not None and state.tool_syntax.marker in state.tokenizer.all_special_tokens
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"

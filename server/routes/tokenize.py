@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from server.chat_template import render_chat
 from server.errors import APIError
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.serving import ServerState
@@ -19,8 +18,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of prompt and messages", "prompt")
     if body.messages is not None:
-        tokens = render_chat(state.tokenizer, body.messages, state.settings.chat_template, body.tools,
-                             body.add_generation_prompt)
+        tokens = state.chat.render(body.messages, body.tools, body.add_generation_prompt)
     else:
         tokens = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
