@@ -52,10 +52,16 @@ def run_kvserve(model_dir: Path, dtype: str, work: dict, batches: list[list[list
             "kvserve_prefill_ms_p50": 1000 * statistics.median(first_token_s)}
 
 
-def run_hf(model_dir: Path, dtype: str, work: dict, batches: list[list[list[int]]]) -> float:
+def load_hf(path: Path, dtype: str):
+    """Hugging Face's model for a folder or a .gguf file (dequantized by transformers)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    source = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name) if path.suffix == ".gguf" else \
+        dict(pretrained_model_name_or_path=path)
+    return AutoModelForCausalLM.from_pretrained(**source, dtype=getattr(torch, dtype)).eval()
+
+
+def run_hf(model, work: dict, batches: list[list[list[int]]]) -> float:
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=work["output_len"],
                   min_new_tokens=work["output_len"])
     with torch.inference_mode():
@@ -93,7 +99,7 @@ def main() -> None:
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           max_num_seqs=args.max_num_seqs or work["concurrency"])
         if not args.skip_hf:
-            row["hf_out_tok_s"] = run_hf(model_dir, args.dtype, work, hf_batches)
+            row["hf_out_tok_s"] = run_hf(load_hf(model_dir, args.dtype), work, hf_batches)
             row["speedup"] = row["kvserve_out_tok_s"] / row["hf_out_tok_s"]
         report["results"][name] = {**work, **row}
         print(name, json.dumps(row), flush=True)

