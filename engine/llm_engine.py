@@ -9,14 +9,14 @@ import logging
 import time
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
 from engine.attention import get_backend
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager, num_kv_blocks
 from engine.model_runner import ModelRunner
-from engine.models.loader import load_config, load_model
+from engine.models.loader import load_config, load_model, load_tokenizer
 from engine.outputs import EngineStats, RequestOutput, ScheduledRequest, SchedulerOutput
 from engine.errors import InvalidRequestError
 from engine.request import Request, SamplingParams
@@ -48,7 +48,7 @@ class LLMEngine:
         self.config = config
         torch.manual_seed(config.seed)
         self.hf_config = load_config(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.eos_token_ids = eos_token_ids(config.model, self.tokenizer, self.hf_config)
         self.vocab_size = self.hf_config.vocab_size
         backend = get_backend(config.attention_backend, config.torch_device)

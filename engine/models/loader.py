@@ -1,4 +1,4 @@
-"""Build a model from an HF folder: config via transformers, weights from safetensors (or dummy)."""
+"""Build a model from an HF folder (config via transformers, safetensors weights), a GGUF file, or dummy weights."""
 
 from __future__ import annotations
 
@@ -10,15 +10,25 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from engine.models import model_class
+from engine.models.gguf import is_gguf, iter_gguf_weights, load_gguf_config, load_gguf_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 def load_config(model_path: str):
+    if is_gguf(model_path):
+        return load_gguf_config(model_path)
     return AutoConfig.from_pretrained(model_path)
+
+
+def load_tokenizer(path: str):
+    """An HF folder's tokenizer, or the one a GGUF file describes (vocabulary, merges, chat template)."""
+    if is_gguf(path):
+        return load_gguf_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def safetensors_files(model_path: str) -> list[str]:
@@ -60,6 +70,8 @@ def load_model(model_path: str, backend, dtype: torch.dtype, device: torch.devic
         model = cls(config, backend).to(dtype)
     if load_format == "dummy":
         init_dummy_weights(model, seed, getattr(config, "initializer_range", 0.02))
+    elif is_gguf(model_path):
+        model.load_weights(iter_gguf_weights(model_path, config))
     else:
         model.load_weights(iter_safetensors(safetensors_files(model_path)))
     for module in model.modules():

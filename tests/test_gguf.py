@@ -1,0 +1,190 @@
+"""GGUF loading: a real Q4_1 chat model against transformers' own GGUF loader, and small written files
+for dequantization, llama.cpp's q/k row order and the unsupported cases."""
+
+from __future__ import annotations
+
+import math
+import os
+from types import SimpleNamespace
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from engine import LLM, SamplingParams
+from engine.models.gguf import iter_gguf_weights
+
+Q = gguf.GGMLQuantizationType
+
+CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three fruits that are red.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Give me a tip for learning to play the guitar.",
+    "Why do leaves change colour in autumn?",
+]
+TEXT = (
+    "The history of the printing press begins in the middle of the fifteenth century, when Johannes "
+    "Gutenberg, a goldsmith from Mainz, combined several existing technologies into a single system for "
+    "producing books. Movable metal type, an oil-based ink and a wooden press adapted from those used to "
+    "make wine allowed a small workshop to print hundreds of copies of a page in a day. Before this, books "
+    "in Europe were copied by hand, usually by monks or professional scribes, and a single Bible could take "
+    "years to finish. The new method spread quickly: by the year 1500, printing shops were working in more "
+    "than two hundred cities, and millions of books had been produced. Prices fell, literacy rose, and ideas "
+    "moved across borders faster than ever before. Scholars could compare identical copies of a text, which "
+    "made it easier to correct errors and to build on each other's work. Many historians believe that the "
+    "printing press played an important part in the Renaissance, the Reformation and the scientific revolution."
+)
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_gguf):
+    folder, name = os.path.split(smollm2_gguf)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_gguf):
+    return LLM(str(smollm2_gguf), dtype="float32", kv_cache_memory="64MiB", max_model_len=1024)
+
+
+def test_config_equals_transformers(llm, hf_model):
+    ours, ref = llm.engine.hf_config, hf_model.config
+    fields = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "rms_norm_eps", "rope_parameters", "max_position_embeddings", "vocab_size",
+              "tie_word_embeddings", "bos_token_id", "eos_token_id"]
+    assert {f: getattr(ours, f) for f in fields} == {f: getattr(ref, f) for f in fields}
+    assert llm.engine.eos_token_ids == {2}  # <|im_end|>, which ends a ChatML turn
+
+
+def test_greedy_chat_equals_transformers_generate(llm, hf_model):
+    tok = llm.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True,
+                                                  tokenize=False), add_special_tokens=False) for chat in CHATS]
+    outs = llm.generate(prompt_token_ids=prompts,
+                        sampling_params=SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    for ids, out in zip(prompts, outs):
+        # an explicit mask: generate() would infer one that hides the prompt's <|im_end|> (= pad id)
+        ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=32, do_sample=False, eos_token_id=None)
+        assert out.token_ids == ref[0, len(ids):].tolist(), tok.decode(ids)
+    assert "Paris" in outs[0].text  # a real chat model, not just two equal wrong ones
+
+
+def test_perplexity_equals_transformers(llm, hf_model):
+    ids = llm.tokenizer.encode(TEXT)
+    assert 150 <= len(ids) <= 250
+    out = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    ours = math.exp(-sum(lp.logprob for lp in out.prompt_logprobs[1:]) / (len(ids) - 1))
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids])).logits[0, :-1].float()
+    ref = math.exp(F.cross_entropy(logits, torch.tensor(ids[1:])).item())
+    assert ours == pytest.approx(ref, rel=1e-3)
+    assert ours < 30  # English prose, read by a working model
+
+
+def write_gguf(path, arch: str, tensors: dict[str, tuple[np.ndarray, Q]]) -> str:
+    """A GGUF file with just an architecture and these tensors (already in their stored form)."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, (data, qtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to q_proj/k_proj rows of Llama-architecture models."""
+    head_rows = weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+    return head_rows.swapaxes(1, 2).reshape(weight.shape)
+
+
+HF_NAMES = {"blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
+            "blk.0.attn_output.weight": "model.layers.0.self_attn.o_proj.weight",
+            "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj.weight",
+            "blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj.weight",
+            "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
+            "token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight"}
+HEADS = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2)
+# stored type -> (tensor it is written as, largest relative RMS error of its round trip)
+ROUND_TRIPS = {Q.F16: ("blk.0.attn_v.weight", 1e-3), Q.BF16: ("blk.0.attn_output.weight", 5e-3),
+               Q.Q8_0: ("blk.0.ffn_gate.weight", 1e-2), Q.Q5_0: ("blk.0.ffn_up.weight", 0.05),
+               Q.Q5_1: ("blk.0.ffn_down.weight", 0.05), Q.Q4_0: ("token_embd.weight", 0.1),
+               Q.Q4_1: ("output.weight", 0.1)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_weights_dequantized_renamed_and_rope_rows_restored(arch, tmp_path):
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((32, 64), np.float32), rng.standard_normal((16, 64), np.float32)  # 4 and 2 heads of 8
+    originals = {qtype: rng.standard_normal((16, 64), np.float32) for qtype in ROUND_TRIPS}
+    # llama.cpp permutes q/k only for Llama-architecture files (Qwen2 runs its RoPE in HF's layout)
+    stored_q, stored_k = (llama_cpp_permute(q, 4), llama_cpp_permute(k, 2)) if arch == "llama" else (q, k)
+    tensors = {"blk.0.attn_q.weight": (stored_q, Q.F32), "blk.0.attn_k.weight": (stored_k, Q.F32),
+               "blk.0.attn_norm.weight": (np.ones(64, np.float32), Q.F32)}
+    tensors |= {name: (gguf.quants.quantize(originals[qtype], qtype), qtype)
+                for qtype, (name, _) in ROUND_TRIPS.items()}
+    path = write_gguf(tmp_path / "w.gguf", arch, tensors)
+
+    weights = dict(iter_gguf_weights(path, HEADS, progress=False))
+    assert torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(q))
+    assert torch.equal(weights["model.layers.0.self_attn.k_proj.weight"], torch.from_numpy(k))
+    assert torch.equal(weights["model.layers.0.input_layernorm.weight"], torch.ones(64))
+    for qtype, (name, tolerance) in ROUND_TRIPS.items():
+        got, want = weights[HF_NAMES[name]], torch.from_numpy(originals[qtype])
+        assert got.dtype == torch.float32 and got.shape == want.shape, qtype.name
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < tolerance, (qtype.name, error)
+
+
+# k-quant type -> byte offsets of its fp16 super-block scales (gguf-py has no quantizer for these)
+K_QUANT_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def test_k_quants_decode_like_transformers(tmp_path):
+    """Random k-quant blocks (with finite scales) read through our loader (gguf-py's decoders) equal
+    transformers' own torch decoders, an independent implementation."""
+    from transformers.integrations.gguf.dequant import dequantize
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for (qtype, offsets), name in zip(K_QUANT_SCALES.items(), HF_NAMES):
+        block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+        blocks = rng.integers(0, 256, (4, 2, block_bytes), dtype=np.uint8)  # 4 rows of 2 blocks (512 values)
+        for offset in offsets:
+            blocks[..., offset:offset + 2] = np.array([0.01], np.float16).view(np.uint8)
+        tensors[name] = (blocks.reshape(4, -1), qtype)
+    weights = dict(iter_gguf_weights(write_gguf(tmp_path / "k.gguf", "llama", tensors), HEADS, progress=False))
+    for name, (data, qtype) in tensors.items():
+        want = dequantize(torch.from_numpy(data.reshape(-1)), qtype.value).reshape(4, 512)
+        torch.testing.assert_close(weights[HF_NAMES[name]], want, msg=qtype.name)
+
+
+def f32(*shape: int) -> tuple[np.ndarray, Q]:
+    return np.zeros(shape, np.float32), Q.F32
+
+
+IQ2_XXS_ROWS = (np.zeros((4, gguf.GGML_QUANT_SIZES[Q.IQ2_XXS][1]), np.uint8), Q.IQ2_XXS)  # 4 rows of one block
+UNSUPPORTED = {  # case -> (architecture, tensors, the error)
+    "architecture": ("frobnicator", {"token_embd.weight": f32(4, 32)},
+                     "GGUF architecture 'frobnicator' is not supported; supported: llama, mistral, qwen2"),
+    "quantization": ("llama", {"token_embd.weight": IQ2_XXS_ROWS}, "GGUF tensor type.* IQ2_XXS not supported"),
+    "tensor": ("llama", {"blk.0.ffn_gate_exps.weight": f32(4, 32)}, "'blk.0.ffn_gate_exps.weight' has no counterpart"),
+    "scaled rope": ("llama", {"rope_freqs.weight": f32(16)}, "scaled RoPE"),
+    "metadata": ("llama", {"token_embd.weight": f32(4, 32)}, "GGUF metadata lacks llama.context_length"),
+}
+
+
+@pytest.mark.parametrize("case", UNSUPPORTED)
+def test_unsupported_file_is_a_clear_error(case, tmp_path):
+    arch, tensors, message = UNSUPPORTED[case]
+    with pytest.raises(ValueError, match=message):
+        LLM(write_gguf(tmp_path / "bad.gguf", arch, tensors))
