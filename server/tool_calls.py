@@ -105,11 +105,17 @@ class ToolRequest:
         return cls(tools, choice, True if parallel is None else parallel)
 
     def structural_tag(self, syntax: ToolSyntax) -> StructuralTag:
-        if syntax.xgrammar_format is not None:
-            return xgr.get_model_structural_tag(syntax.xgrammar_format, tools=self.tools, tool_choice=self.choice,
-                                                reasoning="disabled", parallel_tool_calls=self.parallel,
-                                                max_whitespace_cnt=MAX_WHITESPACE)
-        return self._list_tag(syntax)
+        if syntax.xgrammar_format is None:
+            return self._list_tag(syntax)
+        tag = xgr.get_model_structural_tag(syntax.xgrammar_format, tools=self.tools, tool_choice=self.choice,
+                                           reasoning="disabled", parallel_tool_calls=self.parallel,
+                                           max_whitespace_cnt=MAX_WHITESPACE)
+        if self.choice != "required":
+            return tag
+        # xgrammar's "required" lets free text run before and between calls, and a small model then
+        # talks until max_tokens; required means calls only, as OpenAI and vLLM do it.
+        return StructuralTag(format=TagsWithSeparatorFormat(tags=tag.format.tags, separator="\n", at_least_one=True,
+                                                            stop_after_first=not self.parallel))
 
     def _list_tag(self, syntax: ToolSyntax) -> StructuralTag:
         """For list syntaxes (mistral), which xgrammar has no builder for: marker, '[', calls, ']'."""
