@@ -45,7 +45,7 @@ def serve_and_measure(dtype: str, workloads: dict[str, dict], port: int) -> dict
             time.sleep(0.2)
         row = {"load_s": time.perf_counter() - start}
         for name, work in workloads.items():
-            args = serving.parser.parse_args(["--base-url", f"http://127.0.0.1:{port}"])
+            args = serving.build_parser().parse_args(["--base-url", f"http://127.0.0.1:{port}"])
             for key, value in work.items():
                 setattr(args, key, value)
             report = asyncio.run(serving.run(args))
