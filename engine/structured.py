@@ -63,6 +63,7 @@ class StructuredOutputs:
         not_stop = torch.ones(vocab_size, dtype=torch.bool)
         not_stop[sorted(i for i in info.stop_token_ids if i < vocab_size)] = False
         self.not_stop = pack_bitmask(not_stop)
+        self._stop_check_mask = xgr.allocate_token_bitmask(1, vocab_size)  # reused: only the engine thread checks
         self.tokenizer = tokenizer
         self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=True)
 
@@ -94,9 +95,8 @@ class StructuredOutputs:
         """True when the grammar is complete and admits nothing but a stop token."""
         if not matcher.is_completed():
             return False
-        mask = xgr.allocate_token_bitmask(1, self.vocab_size)
-        matcher.fill_next_token_bitmask(mask, 0)
-        return not bool((mask[0] & self.not_stop).any())
+        matcher.fill_next_token_bitmask(self._stop_check_mask, 0)
+        return not bool((self._stop_check_mask[0] & self.not_stop).any())
 
     def jump_forward_tokens(self, matcher: xgr.GrammarMatcher, output_ids: list[int]) -> list[int]:
         """Tokens for the text the grammar forces next, as the model's own tokenizer would split it.

@@ -62,6 +62,8 @@ class ServerState:
         self.chat = ChatRenderer(self.tokenizer, settings.chat_template)
         self.tool_syntax = (SYNTAXES[settings.tool_call_parser] if settings.tool_call_parser != "auto" else
                             detect_syntax(settings.chat_template or getattr(self.tokenizer, "chat_template", None)))
+        # A marker that is a special token (mistral's [TOOL_CALLS]) must survive detokenization.
+        self.tool_marker_is_special = self.tool_syntax.marker in self.tokenizer.all_special_tokens
 
     @property
     def model_name(self) -> str:

@@ -188,6 +188,9 @@ class ToolCallParser:
         self._close = re.compile(syntax.close)
         self._list_open = re.compile(syntax.list_open) if syntax.list_open else None
         self._text = ""
+        # Text before _settled[0] is final (its content segments and complete calls never change),
+        # so each feed scans only from there: linear work per delta, not the whole output again.
+        self._settled: tuple[int, list[str], list[ParsedCall]] = (0, [], [])
         self._sent_content = 0
         self._sent_args: list[int] = []
         self._ids: list[str] = []
@@ -223,8 +226,8 @@ class ToolCallParser:
 
     def _scan(self, final: bool) -> tuple[str, list[ParsedCall]]:
         """Content and calls of all text so far (content only as far as it can no longer change)."""
-        text, segments, calls = self._text, [], []
-        pos = 0
+        pos, settled_segments, settled_calls = self._settled
+        text, segments, calls = self._text, list(settled_segments), list(settled_calls)
         while True:
             start = text.find(self.syntax.marker, pos)
             if start < 0:
@@ -244,6 +247,7 @@ class ToolCallParser:
             pos = self._scan_calls(text, body, calls)
             if pos is None:  # a call still being written
                 break
+            self._settled = (pos, list(segments), list(calls))
         content = "\n".join(s for s in segments if s)
         return content, calls
 

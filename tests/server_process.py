@@ -60,24 +60,34 @@ def running_server(model: Path | None, *flags: str, startup_timeout: float = 120
                                  *flags], stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"kvserve exited with {proc.returncode}:\n{server.log_text()[-3000:]}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kvserve did not become healthy:\n{server.log_text()[-3000:]}")
-            time.sleep(0.2)
+        wait_ready(f"{server.url}/health", proc, log, startup_timeout)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, timeout=30)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; a process that exits or stays unready fails with its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not become ready:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM (so servers drain), then SIGKILL if it takes longer than ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -25,7 +25,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.cli import parser as kvserve_parser
-from server_process import Server, free_port, running_server
+from server_process import Server, free_port, running_server, stop, wait_ready
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "kvserve.json"
@@ -152,26 +152,10 @@ def running_prometheus(config: dict, workdir: Path) -> Iterator[str]:
                                  f"--web.listen-address={url.removeprefix('http://')}"],
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while not ready(f"{url}/-/ready"):
-            alive = proc.poll() is None and time.monotonic() < deadline
-            assert alive, f"prometheus not ready:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
+        wait_ready(f"{url}/-/ready", proc, log, timeout=30)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def ready(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
+        stop(proc, timeout=10)
 
 
 def query(prometheus: str, promql: str) -> list[dict]:

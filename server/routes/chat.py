@@ -92,8 +92,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     structured, grammar_field = _constraint(state, body, tools)
     # tool_choice none: the tools are left out of the prompt too, so no call is possible.
     prompt_ids = state.chat.render(body.messages, body.tools if tools else None, body.add_generation_prompt)
-    # A marker that is a special token (mistral's [TOOL_CALLS]) must survive detokenization.
-    keep_marker = tools is not None and state.tool_syntax.marker in state.tokenizer.all_special_tokens
+    keep_marker = tools is not None and state.tool_marker_is_special
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     sent = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = sent if sent is not None else max(1, state.max_model_len - len(prompt_ids))  # up to the context
