@@ -43,6 +43,33 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 @dataclass
+class SpeculativeConfig:
+    """Speculative decoding: a proposer drafts up to ``num_speculative_tokens`` tokens per request and
+    the target checks them all in one forward pass (engine.speculative)."""
+
+    method: str = "draft"  # "draft": a smaller model with the same vocabulary; "ngram": prompt lookup
+    draft_model: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_max: int = 4  # n-gram lookup tries the longest suffix first
+    ngram_min: int = 1
+    # Measure what a draft step and a verify step cost and how often drafts are accepted, and draft
+    # only as many tokens per step (possibly none) as pay for themselves.
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("draft", "ngram"):
+            raise ValueError(f"speculative_method: unsupported {self.method!r}; choose draft or ngram")
+        self.draft_model = str(self.draft_model) if self.draft_model else None  # a Path is welcome too
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("speculative_method draft needs a draft model (--draft-model PATH)")
+        if not 1 <= self.num_speculative_tokens <= 16:  # the grammar matcher keeps 16 tokens of rollback
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max, "
+                             f"got {self.ngram_min} and {self.ngram_max}")
+
+
+@dataclass
 class EngineConfig:
     model: str
     tokenizer: str | None = None
@@ -65,6 +92,7 @@ class EngineConfig:
     compile: bool = False
     # Append the tokens a grammar forces (e.g. the next JSON key) without sampling them one step each.
     enable_jump_forward: bool = True
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy", "safetensors"):

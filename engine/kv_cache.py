@@ -20,11 +20,10 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
     return hashlib.sha256((parent or b"") + array("q", token_ids).tobytes()).digest()
 
 
-def num_kv_blocks(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                  block_size: int, dtype_bytes: int) -> int:
-    """How many blocks of K and V for every layer fit into ``memory_bytes``."""
-    bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes
-    return memory_bytes // bytes_per_block
+def kv_block_bytes(hf_config, block_size: int, dtype_bytes: int) -> int:
+    """Bytes one block of K and V takes across every layer of a model (Hugging Face config)."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return 2 * hf_config.num_hidden_layers * block_size * hf_config.num_key_value_heads * head_dim * dtype_bytes
 
 
 class KVCacheManager:
@@ -106,6 +105,14 @@ class KVCacheManager:
             if self.block_hash[block] is None and h not in self.cached:
                 self.block_hash[block] = h
                 self.cached[h] = block
+
+    def free_tail(self, block_table: list[int], num_tokens: int) -> None:
+        """Free the blocks past the first ``num_tokens`` slots (unused speculative lookahead)."""
+        keep = self.blocks_needed(num_tokens)
+        if len(block_table) > keep:
+            tail = block_table[keep:]
+            del block_table[keep:]
+            self.free_blocks(tail)
 
     def free_blocks(self, block_table: list[int]) -> None:
         """Drop one reference to each block; tail blocks go to the free list first so they are evicted first."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SpeculativeConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import GenerationOutput, RequestOutput
 from engine.request import SamplingParams
@@ -16,13 +16,17 @@ class LLM:
                  load_format: str = "auto", max_model_len: int | None = None, kv_cache_memory: int | str = "2GiB",
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  seed: int = 0, block_size: int = 16, attention_backend: str = "auto", compile: bool = False,
-                 enable_jump_forward: bool = True):
+                 enable_jump_forward: bool = True, speculative_config: SpeculativeConfig | dict | None = None):
+        """``speculative_config``: e.g. ``{"method": "draft", "draft_model": PATH, "num_speculative_tokens": 4}``
+        or ``{"method": "ngram"}`` (see ``SpeculativeConfig``)."""
+        if isinstance(speculative_config, dict):
+            speculative_config = SpeculativeConfig(**speculative_config)
         self.engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, load_format=load_format,
             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             seed=seed, block_size=block_size, attention_backend=attention_backend, compile=compile,
-            enable_jump_forward=enable_jump_forward))
+            enable_jump_forward=enable_jump_forward, speculative=speculative_config))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

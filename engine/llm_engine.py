@@ -5,6 +5,7 @@ Synchronous and deterministic: tests drive it directly; AsyncEngine runs it in a
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -14,14 +15,15 @@ from transformers import GenerationConfig
 from engine.attention import get_backend
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_cache import KVCacheManager, num_kv_blocks
+from engine.kv_cache import KVCacheManager, kv_block_bytes
 from engine.model_runner import ModelRunner
-from engine.models.loader import load_config, load_model, load_tokenizer
-from engine.outputs import EngineStats, RequestOutput, ScheduledRequest, SchedulerOutput
+from engine.models.loader import load_config, load_draft_config, load_model, load_tokenizer
+from engine.outputs import EngineStats, RequestOutput, ScheduledRequest, SchedulerOutput, SpecStats
 from engine.errors import InvalidRequestError
 from engine.request import Request, SamplingParams
 from engine.sampler import Sampler, token_logprobs
 from engine.scheduler import Scheduler
+from engine.speculative import DraftModelProposer, NgramProposer, Speculator
 from engine.structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -54,10 +56,12 @@ class LLMEngine:
         backend = get_backend(config.attention_backend, config.torch_device)
         self.model = load_model(config.model, backend, config.torch_dtype, config.torch_device,
                                 config.load_format, config.seed, self.hf_config)
-        head_dim = self.model.model.layers[0].self_attn.head_dim
-        num_blocks = num_kv_blocks(config.kv_cache_bytes, self.hf_config.num_hidden_layers,
-                                   self.hf_config.num_key_value_heads, head_dim, config.block_size,
-                                   torch.finfo(config.torch_dtype).bits // 8)
+        spec = config.speculative
+        draft = spec is not None and spec.method == "draft"
+        self.draft_config = load_draft_config(spec.draft_model, self.hf_config, self.tokenizer) if draft else None
+        dtype_bytes = torch.finfo(config.torch_dtype).bits // 8
+        block_bytes = sum(kv_block_bytes(c, config.block_size, dtype_bytes) for c in (self.hf_config, self.draft_config) if c)
+        num_blocks = config.kv_cache_bytes // block_bytes
         capacity = num_blocks * config.block_size
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
         if self.max_model_len > self.hf_config.max_position_embeddings:
@@ -74,6 +78,7 @@ class LLMEngine:
                                   config.torch_device, compile_decode=config.compile)
         self.sampler = Sampler(config.seed)
         self._structured: StructuredOutputs | None = None
+        self.speculator = self._build_speculator(backend, num_blocks) if spec else None
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompt_tokens_total = 0
@@ -85,6 +90,23 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d; dtype %s; device %s",
                     num_blocks, config.block_size, capacity, self.max_model_len, config.torch_dtype,
                     config.torch_device)
+
+    def _build_speculator(self, backend, num_blocks: int) -> Speculator:
+        spec, config = self.config.speculative, self.config
+        if spec.method == "ngram":
+            proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
+        else:
+            if self.draft_config.max_position_embeddings < self.max_model_len:
+                raise ValueError(f"draft model: max_position_embeddings {self.draft_config.max_position_embeddings} is "
+                                 f"below max_model_len {self.max_model_len}")
+            draft = load_model(spec.draft_model, backend, config.torch_dtype, config.torch_device,
+                               config.load_format, config.seed, self.draft_config)
+            runner = ModelRunner(draft, backend, num_blocks, config.block_size, config.torch_dtype,
+                                 config.torch_device, compile_decode=config.compile)
+            proposer = DraftModelProposer(runner, self.sampler, lambda: self.structured)
+        logger.info("speculative decoding: %s, up to %d tokens per step%s", spec.method, spec.num_speculative_tokens,
+                    " (adaptive)" if spec.adaptive else "")
+        return Speculator(spec, proposer, self.sampler, lambda: self.structured)
 
     def _warm_up_decode(self) -> None:
         """Compile the decode graphs (batch 1, which torch specialises, and batch > 1) before serving.
@@ -150,36 +172,63 @@ class LLMEngine:
 
     # --- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        lookahead = self.speculator.lookahead(len(self.scheduler.running)) if self.speculator else 0
+        sched = self.scheduler.schedule(lookahead)
         if not sched.scheduled:
             return []
+        started = time.perf_counter()
         now = time.monotonic()
         for item in sched.scheduled:
             if item.request.times.first_scheduled is None:
                 item.request.times.first_scheduled = now
         self.num_steps += 1
         try:
+            if self.speculator:
+                self.speculator.propose(sched)
             result = self.runner.execute(sched)
         except Exception as exc:  # a failed forward ends the requests in it; the engine goes on
             logger.exception("model forward failed")
             return [self._finish(item.request, "error", error=f"model forward failed: {exc}") for item in sched.scheduled]
-        sampling = [item.request for item in sched.scheduled if item.samples]
+        sampling = [item for item in sched.scheduled if item.samples]
         for item in sched.scheduled:
             if item.request.request_id in result.prompt_logits:
                 self._record_prompt_logprobs(item.request, *result.prompt_logits[item.request.request_id])
         self.scheduler.update(sched)
         outputs: list[RequestOutput] = []
         if sampling:
-            bitmask = self.structured.bitmask(sampling) if any(r.matcher is not None for r in sampling) else None
-            sampled = self.sampler(result.logits, sampling, bitmask)
+            new_tokens = self._sample(result.logits, sampling)
             now = time.monotonic()
-            for req, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
+            for item, (tokens, logprobs) in zip(sampling, new_tokens):
                 try:
-                    outputs.append(self._append_token(req, token, logprob, now))
+                    outputs.append(self._append_tokens(item.request, tokens, logprobs, now))
                 except Exception as exc:  # one request's failure stays that request's
-                    logger.exception("request %s failed", req.request_id)
-                    outputs.append(self._finish(req, "error", error=str(exc)))
+                    logger.exception("request %s failed", item.request.request_id)
+                    outputs.append(self._finish(item.request, "error", error=str(exc)))
+                if item.num_lookahead and not item.request.finished:
+                    self._settle_speculation(item, len(tokens) - 1)
+        if self.speculator and all(item.num_new_tokens == 1 for item in sched.scheduled):
+            self.speculator.observe_step(sched.scheduled, time.perf_counter() - started)
         return outputs
+
+    def _sample(self, logits: torch.Tensor, items: list[ScheduledRequest]) -> list[tuple[list[int], list]]:
+        """Per sampling request, the tokens this step adds and their logprobs: one sampled token, or
+        (speculative decoding) the accepted drafts and the target's own token."""
+        if any(item.spec_token_ids for item in items):
+            verified = self.speculator.verify(logits, items)
+            self.speculator.record(items, [v.num_accepted for v in verified])
+            return [(v.token_ids, v.logprobs) for v in verified]
+        reqs = [item.request for item in items]
+        bitmask = self.structured.bitmask(reqs) if any(r.matcher is not None for r in reqs) else None
+        sampled = self.sampler(logits, reqs, bitmask)
+        return [([token], [logprob]) for token, logprob in zip(sampled.token_ids, sampled.logprobs)]
+
+    def _settle_speculation(self, item: ScheduledRequest, num_accepted: int) -> None:
+        """The accepted drafts' KV is valid (the rejected ones' slots get overwritten later); the
+        draft model keeps only what matches the request; unused lookahead blocks go back."""
+        req = item.request
+        req.num_computed_tokens += num_accepted
+        req.draft_num_computed = min(req.draft_num_computed, req.num_computed_tokens)
+        self.kv.free_tail(req.block_table, req.num_tokens)
 
     @staticmethod
     def _record_prompt_logprobs(req: Request, first: int, logits: torch.Tensor) -> None:
@@ -188,17 +237,24 @@ class LLMEngine:
         rows = token_logprobs(logits.log_softmax(dim=-1), targets, [req.params.prompt_logprobs] * len(logits))
         req.prompt_logprobs[first + 1:first + 1 + len(rows)] = rows
 
-    def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
-        """Append the sampled token, then any tokens the grammar forces next (jump-forward: they are
-        computed with the next step's forward instead of one step each)."""
+    def _append_tokens(self, req: Request, tokens: list[int], logprobs: list, now: float) -> RequestOutput:
+        """Append this step's tokens up to the first that ends the request, then any tokens the grammar
+        forces next (jump-forward: they are computed with the next step's forward instead of one step each)."""
         if req.times.first_token is None:
             req.times.first_token = now
         req.times.last_token = now
-        if logprob is not None:
-            req.cumulative_logprob += logprob.logprob
-        new_tokens = [token]
-        reason, stop_reason = self._accept(req, token)
+        new_tokens: list[int] = []
+        reason = stop_reason = None
+        for token, logprob in zip(tokens, logprobs):
+            if logprob is not None:
+                req.cumulative_logprob += logprob.logprob
+            new_tokens.append(token)
+            reason, stop_reason = self._accept(req, token)
+            if reason is not None:
+                break
+        kept_logprobs = logprobs[:len(new_tokens)] if logprobs[0] is not None else None
         if reason is None and req.matcher is not None and self.config.enable_jump_forward and req.params.logprobs is None:
+            forced_from = len(new_tokens)
             for forced in self.structured.jump_forward_tokens(req.matcher, req.output_token_ids):
                 if not req.matcher.accept_token(forced):
                     break
@@ -206,11 +262,10 @@ class LLMEngine:
                 reason, stop_reason = self._accept(req, forced, grammar_accepted=True)
                 if reason is not None:
                     break
-            self.jump_forward_tokens_total += len(new_tokens) - 1
-        logprobs = [logprob] if logprob else None
+            self.jump_forward_tokens_total += len(new_tokens) - forced_from
         if reason is not None:
-            return self._finish(req, reason, stop_reason, new_tokens, logprobs)
-        return self._output(req, new_tokens, self.detokenizers[req.request_id].take(False), logprobs)
+            return self._finish(req, reason, stop_reason, new_tokens, kept_logprobs)
+        return self._output(req, new_tokens, self.detokenizers[req.request_id].take(False), kept_logprobs)
 
     def _accept(self, req: Request, token: int, grammar_accepted: bool = False) -> tuple[str | None, str | int | None]:
         """Add one output token; returns (finish reason, stop reason) if it ends the request."""
@@ -256,4 +311,5 @@ class LLMEngine:
                            kv_cache_usage=self.kv.usage, prefix_cache_queries=self.kv.prefix_queries,
                            prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
                            prompt_tokens=self.prompt_tokens_total, generation_tokens=self.generation_tokens_total,
-                           jump_forward_tokens=self.jump_forward_tokens_total)
+                           jump_forward_tokens=self.jump_forward_tokens_total,
+                           spec=copy.deepcopy(self.speculator.stats) if self.speculator else SpecStats())

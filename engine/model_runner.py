@@ -44,20 +44,21 @@ class ModelRunner:
         sample_rows: list[int] = []
         for item in sched.scheduled:
             req, start = item.request, item.request.num_computed_tokens
-            end = start + item.num_new_tokens
-            input_ids.extend(req.token_ids[start:end])
+            end = start + item.num_scheduled_tokens
+            input_ids.extend(req.token_ids[start:start + item.num_new_tokens])
+            input_ids.extend(item.spec_token_ids)
             positions.extend(range(start, end))
-            query_start.append(query_start[-1] + item.num_new_tokens)
+            query_start.append(query_start[-1] + item.num_scheduled_tokens)
             context_lens.append(end)
-            if item.samples:
-                sample_rows.append(query_start[-1] - 1)
+            if item.samples:  # the last known token and each draft predict the token after them
+                sample_rows.extend(range(query_start[-1] - 1 - len(item.spec_token_ids), query_start[-1]))
         max_blocks = max(len(item.request.block_table) for item in sched.scheduled)
         tables = [item.request.block_table + [0] * (max_blocks - len(item.request.block_table)) for item in sched.scheduled]
         to_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         positions_t = to_tensor(positions)
         block_tables = to_tensor(tables)
         seq_of_token = torch.repeat_interleave(torch.arange(len(context_lens), device=self.device),
-                                               to_tensor([item.num_new_tokens for item in sched.scheduled]))
+                                               to_tensor([item.num_scheduled_tokens for item in sched.scheduled]))
         slot_mapping = (block_tables[seq_of_token, positions_t // self.block_size] * self.block_size
                         + positions_t % self.block_size)
         meta = AttentionMetadata(slot_mapping=slot_mapping, query_start=query_start, context_lens=context_lens,

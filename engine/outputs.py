@@ -11,8 +11,18 @@ from engine.request import Request, RequestTimes
 
 @dataclass
 class ScheduledRequest:
+    """``num_new_tokens`` of the request's own tokens, then (speculative decoding) draft tokens that the
+    same forward pass verifies; ``num_lookahead`` KV slots were reserved for them."""
+
     request: Request
     num_new_tokens: int
+    num_lookahead: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None  # [len(spec_token_ids), vocab]; None: a deterministic proposal
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return self.num_new_tokens + len(self.spec_token_ids)
 
     @property
     def samples(self) -> bool:
@@ -28,7 +38,7 @@ class SchedulerOutput:
 
 @dataclass
 class RunnerOutput:
-    """Float32 logits of the rows to sample (in scheduled order), and of the prompt positions whose
+    """Float32 logits of the rows to sample (in scheduled order; 1 + number of drafts per request), and of the prompt positions whose
     logprobs were asked for: request id -> (first position, [n, vocab])."""
 
     logits: torch.Tensor
@@ -82,6 +92,24 @@ class GenerationOutput:
 
 
 @dataclass
+class SpecStats:
+    """Speculative decoding counters: ``num_drafts`` request-steps with drafts; per draft position j,
+    how many drafts were proposed there and how many accepted (which needs all earlier ones accepted)."""
+
+    num_drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    switches: int = 0  # the adaptive policy turned speculation on or off
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a request gains per speculative step: accepted drafts + the one the target adds."""
+        return 1 + self.accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+@dataclass
 class EngineStats:
     """Counters and gauges the server exports as metrics."""
 
@@ -96,6 +124,4 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     jump_forward_tokens: int
-    # Speculative decoding is not built yet (issue 6): nothing is drafted, so both stay 0.
-    spec_draft_tokens: int = 0
-    spec_accepted_tokens: int = 0
+    spec: SpecStats = field(default_factory=SpecStats)

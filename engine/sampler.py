@@ -125,21 +125,34 @@ class Sampler:
         return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
     @torch.inference_mode()  # the logits are inference tensors: in-place edits need the same mode
-    def __call__(self, logits: torch.Tensor, reqs: list[Request], bitmask=None) -> SamplerOutput:
-        """``bitmask``: the grammar mask for the constrained rows (see engine.structured)."""
-        raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
+    def shape(self, logits: torch.Tensor, reqs: list, bitmask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logit bias, penalties and the grammar mask applied to ``logits`` (in place), and the
+        distribution the non-greedy rows sample from (None when every row is greedy). ``reqs`` are
+        Requests or anything with their ``params``, ``token_ids``, ``output_token_ids`` and ``generator``."""
         if any(r.params.logit_bias for r in reqs):
             apply_logit_bias(logits, reqs)
         if any(r.params.has_penalties for r in reqs):
             apply_penalties(logits, reqs)
         apply_bitmask(logits, bitmask)
+        return logits, None if all(r.params.greedy for r in reqs) else processed_probs(logits, reqs)
+
+    def pick(self, logits: torch.Tensor, probs: torch.Tensor | None, reqs: list) -> torch.Tensor:
+        """Argmax for greedy rows, a draw from ``probs`` for the others."""
         tokens = logits.argmax(dim=-1)
-        if not all(r.params.greedy for r in reqs):
-            probs = processed_probs(logits, reqs)
-            drawn = self.draw(probs, reqs)
-            greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
-            tokens = torch.where(greedy, tokens, drawn)
-        token_list = tokens.tolist()
+        if probs is None:
+            return tokens
+        greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
+        return torch.where(greedy, tokens, self.draw(probs, reqs))
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request], bitmask=None) -> SamplerOutput:
+        """``bitmask``: the grammar mask for the constrained rows (see engine.structured)."""
+        raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
+        tokens = self.pick(*self.shape(logits, reqs, bitmask), reqs)
+        return SamplerOutput(tokens.tolist(), self.logprobs(raw_logprobs, tokens, reqs))
+
+    @staticmethod
+    def logprobs(raw_logprobs: torch.Tensor | None, tokens: torch.Tensor, reqs: list) -> list[TokenLogprob | None]:
+        """Per row, the chosen token's logprob and top alternatives, for the requests that asked."""
         if raw_logprobs is None:
-            return SamplerOutput(token_list, [None] * len(reqs))
-        return SamplerOutput(token_list, token_logprobs(raw_logprobs, tokens, [r.params.logprobs for r in reqs]))
+            return [None] * len(reqs)
+        return token_logprobs(raw_logprobs, tokens, [r.params.logprobs for r in reqs])

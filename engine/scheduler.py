@@ -7,11 +7,16 @@ first, in admission order; then waiting ones are admitted while budget, sequence
 When blocks run out, the most recently admitted running request is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed later (its cached prefix blocks
 usually survive, so the recompute is cheap).
+
+With speculative decoding, a request whose chunk reaches its last token also gets up to
+``num_lookahead`` extra KV slots (and budget) for draft tokens; lookahead never causes preemption:
+when blocks are short a request simply decodes without drafts this step.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
 
 from engine.kv_cache import KVCacheManager
 from engine.outputs import ScheduledRequest, SchedulerOutput
@@ -33,22 +38,25 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, num_lookahead: int | Callable[[Request], int] = 0) -> SchedulerOutput:
+        """``num_lookahead``: draft slots per request (or a function of the request)."""
+        lookahead_of = num_lookahead if callable(num_lookahead) else (lambda _req: num_lookahead)
         budget = self.max_num_batched_tokens
         out = SchedulerOutput(scheduled=[])
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate(req.block_table, req.num_computed_tokens + num_new):
+            wanted = self._lookahead(req, req.num_computed_tokens, num_new, budget, lookahead_of(req))
+            while (lookahead := self._allocate(req, req.num_computed_tokens + num_new, wanted)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, num_new))
-                budget -= num_new
+                out.scheduled.append(ScheduledRequest(req, num_new, lookahead))
+                budget -= num_new + lookahead
                 i += 1
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
@@ -56,7 +64,9 @@ class Scheduler:
             cached = [] if req.prompt_logprobs is not None else self.kv.find_cached_prefix(req.token_ids)
             num_computed = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_computed, budget)
-            if not self.kv.allocate(req.block_table, num_computed + num_new, cached):
+            lookahead = self._allocate(req, num_computed + num_new,
+                                       self._lookahead(req, num_computed, num_new, budget, lookahead_of(req)), cached)
+            if lookahead is None:
                 break
             if req.prompt_logprobs is None:
                 self.kv.prefix_queries += req.num_tokens
@@ -67,12 +77,28 @@ class Scheduler:
                 req.num_cached_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, num_new))
-            budget -= num_new
+            out.scheduled.append(ScheduledRequest(req, num_new, lookahead))
+            budget -= num_new + lookahead
         return out
 
+    @staticmethod
+    def _lookahead(req: Request, num_computed: int, num_new: int, budget: int, wanted: int) -> int:
+        """Draft slots worth reserving: only when this chunk reaches the request's last token, and
+        never past max_tokens (the target adds one token of its own) or the step's budget."""
+        if wanted <= 0 or num_computed + num_new < req.num_tokens:
+            return 0
+        return max(0, min(wanted, budget - num_new, req.params.max_tokens - req.num_output_tokens - 1))
+
+    def _allocate(self, req: Request, num_tokens: int, lookahead: int, cached: Sequence[int] = ()) -> int | None:
+        """Blocks for ``num_tokens`` plus the lookahead if possible, else without it; the lookahead
+        granted, or None when not even ``num_tokens`` fit."""
+        if lookahead and self.kv.allocate(req.block_table, num_tokens + lookahead, cached):
+            return lookahead
+        return 0 if self.kv.allocate(req.block_table, num_tokens, cached) else None
+
     def update(self, sched: SchedulerOutput) -> None:
-        """After the forward pass: the scheduled tokens' KV is in the cache."""
+        """After the forward pass: the scheduled tokens' KV is in the cache (the KV of accepted draft
+        tokens is counted by the engine once it knows which were accepted)."""
         for item in sched.scheduled:
             req = item.request
             req.num_computed_tokens += item.num_new_tokens
@@ -91,6 +117,7 @@ class Scheduler:
         self.kv.free_blocks(req.block_table)
         req.block_hashes.clear()
         req.num_computed_tokens = 0
+        req.draft_num_computed = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1

@@ -4,7 +4,8 @@ One ``TokenizerInfo`` (with the model's real vocabulary size, which can exceed t
 caching ``GrammarCompiler`` per engine. Grammars compile before a request joins the batch (in a worker
 thread for the async engine), so a slow schema delays only its own request. Each step fills one
 bitmask row per constrained request; the sampler applies it (forbidden tokens -> -inf); accepted
-tokens advance the request's ``GrammarMatcher`` (kept able to roll back 16 tokens, for speculative decoding).
+tokens advance the request's ``GrammarMatcher`` (kept able to roll back 16 tokens, for speculative decoding:
+draft positions are masked by advancing the matcher over the drafts and rolling it back).
 """
 
 from __future__ import annotations
@@ -115,18 +116,34 @@ class StructuredOutputs:
             return []
         return ids[len(base):-1]
 
-    def bitmask(self, reqs: list) -> tuple[torch.Tensor, list[int]] | None:
-        """One bitmask for the batch: rows for the constrained requests (their row indices returned)."""
-        rows = [i for i, req in enumerate(reqs) if req.matcher is not None]
-        if not rows:
-            return None
-        mask = xgr.allocate_token_bitmask(len(reqs), self.vocab_size)
-        for i in rows:
-            reqs[i].matcher.fill_next_token_bitmask(mask, i)
-            if reqs[i].params.structured_output.kind in ("json_schema", "json_object"):
-                mask[i] &= self.json_allowed
-        return mask, rows
+    def bitmask(self, reqs: list, drafts: list[list[int]] | None = None) -> tuple[torch.Tensor, list[int]] | None:
+        """One bitmask for the batch: rows for the constrained requests (their row indices returned).
 
+        With ``drafts`` (speculative decoding) each request has 1 + len(drafts) rows, row j being its
+        mask after its first j drafts: the matcher is advanced over them and rolled back. Rows after a
+        draft the grammar rejects stay unconstrained: that draft gets probability 0, so they are never used."""
+        drafts = drafts or [[] for _ in reqs]
+        counts = [len(d) + 1 for d in drafts]
+        mask = xgr.allocate_token_bitmask(sum(counts), self.vocab_size)
+        rows: list[int] = []
+        row = 0
+        for req, d, count in zip(reqs, drafts, counts):
+            if req.matcher is not None:
+                advanced = 0
+                for j in range(count):
+                    req.matcher.fill_next_token_bitmask(mask, row + j)
+                    if req.params.structured_output.kind in ("json_schema", "json_object"):
+                        mask[row + j] &= self.json_allowed
+                    rows.append(row + j)
+                    if j == len(d) or not req.matcher.accept_token(d[j]):
+                        break
+                    advanced += 1
+                    if req.matcher.is_terminated():
+                        break
+                if advanced:
+                    req.matcher.rollback(advanced)
+            row += count
+        return (mask, rows) if rows else None
 
 def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:
     """bool per token -> xgrammar's int32 bitmask row (bit j of word i is token 32 * i + j)."""

@@ -47,6 +47,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (faster decode; a minute or two more at start)")
+    spec = p.add_argument_group("speculative decoding")
+    spec.add_argument("--speculative-method", choices=["draft", "ngram"],
+                      help="draft: a small model with the same tokenizer proposes (needs --draft-model); "
+                           "ngram: prompt lookup proposes (default: draft when --draft-model is given, else off)")
+    spec.add_argument("--draft-model", help="draft model folder (same tokenizer as MODEL)")
+    spec.add_argument("--num-speculative-tokens", type=int, default=4, help="most tokens drafted per step")
+    spec.add_argument("--ngram-max", type=int, default=4, help="longest suffix n-gram lookup matches")
+    spec.add_argument("--ngram-min", type=int, default=1, help="shortest suffix n-gram lookup matches")
+    spec.add_argument("--adaptive-speculation", action=argparse.BooleanOptionalAction, default=True,
+                      help="draft only as many tokens per step (possibly none) as measured costs and "
+                           "acceptance say pay for themselves")
     p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require `Authorization: Bearer KEY` on the API (default: $KVSERVE_API_KEY)")
     p.add_argument("--max-waiting-requests", type=int, default=256,
@@ -91,6 +102,20 @@ def resolve_model(model: str) -> str:
                  f"{hint}: {type(exc).__name__}: {exc}")
 
 
+def speculative_config(args: argparse.Namespace):
+    from engine.config import SpeculativeConfig
+
+    method = args.speculative_method or ("draft" if args.draft_model else None)
+    if method is None:
+        return None
+    try:
+        return SpeculativeConfig(method=method, draft_model=args.draft_model,
+                                 num_speculative_tokens=args.num_speculative_tokens, ngram_max=args.ngram_max,
+                                 ngram_min=args.ngram_min, adaptive=args.adaptive_speculation)
+    except ValueError as exc:
+        sys.exit(f"kvserve: {exc}")
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -114,8 +139,8 @@ def serve(args: argparse.Namespace) -> None:
             load_format=args.load_format, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, block_size=args.block_size,
-            attention_backend=args.attention_backend,
-            compile=args.compile))
+            attention_backend=args.attention_backend, compile=args.compile,
+            speculative=speculative_config(args)))
     except (ValueError, OSError) as exc:
         sys.exit(f"kvserve: cannot load {model_path}: {exc}")
     logger.info("model loaded in %.1fs", time.monotonic() - start)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+# The benchmark helpers that build model folders (bench-135m, drafts made from a target) serve the tests too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_model import make_draft_model  # noqa: E402
 
 SHARED_MODELS = Path(os.environ.get("KVSERVE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "models"
 STORIES = SHARED_MODELS / "stories260K"
@@ -59,6 +64,21 @@ def tiny_model(tmp_path_factory):
         if model_type not in cache:
             cache[model_type] = build_tiny_model(model_type, tmp_path_factory.mktemp(f"tiny-{model_type}"))
         return cache[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def draft_of(tmp_path_factory):
+    """draft_of(target, num_layers, noise) -> a speculative-decoding draft made from the target folder
+    (its first layers, perturbed; see benchmarks/bench_model.py), built once per session."""
+    cache: dict[tuple, Path] = {}
+
+    def get(target: Path, num_layers: int | None = None, noise: float = 0.0) -> Path:
+        key = (str(target), num_layers, noise)
+        if key not in cache:
+            cache[key] = make_draft_model(target, tmp_path_factory.mktemp("draft"), num_layers, noise, seed=1)
+        return cache[key]
 
     return get
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from engine.kv_cache import KVCacheManager, num_kv_blocks
+from types import SimpleNamespace
+
+from engine.kv_cache import KVCacheManager, kv_block_bytes
 
 
 def test_allocate_and_free_returns_every_block():
@@ -75,6 +77,7 @@ def test_disabled_prefix_caching_never_hits():
     assert kv.find_cached_prefix([1, 2, 3, 4, 5]) == []
 
 
-def test_capacity_from_memory_budget():
-    # bench-135m shape: 30 layers, 3 KV heads of 64 in bf16 -> 16 tokens take 2*30*16*3*64*2 bytes
-    assert num_kv_blocks(2 * 30 * 16 * 3 * 64 * 2 * 10, 30, 3, 64, 16, 2) == 10
+def test_block_bytes_from_config():
+    # bench-135m shape: 30 layers, 3 KV heads of 64 (576 / 9 heads) in bf16 -> 16 tokens take 2*30*16*3*64*2 bytes
+    config = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, num_attention_heads=9, hidden_size=576)
+    assert kv_block_bytes(config, 16, 2) == 2 * 30 * 16 * 3 * 64 * 2

@@ -26,10 +26,15 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model):
-    # The random Qwen2 model "wants" arbitrary tokens from a 151k vocabulary: only the mask keeps it valid.
-    return LLM(str(tiny_model("qwen2")), kv_cache_memory="64MiB", max_num_batched_tokens=256)
+@pytest.fixture(scope="module", params=["plain", "draft", "ngram"])
+def llm(request, tiny_model, draft_of):
+    """The random Qwen2 model "wants" arbitrary tokens from a 151k vocabulary: only the mask keeps it
+    valid. Every test runs without speculation, with a draft model, and with n-gram lookup: the
+    grammar must hold at every draft position and across rollbacks."""
+    target = tiny_model("qwen2")
+    spec = {"plain": None, "draft": dict(method="draft", draft_model=str(draft_of(target, num_layers=1)), adaptive=False),
+            "ngram": dict(method="ngram", adaptive=False)}[request.param]
+    return LLM(str(target), kv_cache_memory="64MiB", max_num_batched_tokens=256, speculative_config=spec)
 
 
 def sample(llm, spec: Structured, n: int, max_tokens: int = 160, temperature: float = 1.0):

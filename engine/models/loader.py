@@ -31,6 +31,23 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def load_draft_config(draft_path: str, target_config, target_tokenizer):
+    """The draft model's config, after checking it speaks the target's vocabulary: same size, and
+    the same token strings when the draft carries a tokenizer of its own."""
+    config = load_config(draft_path)
+    if config.vocab_size != target_config.vocab_size:
+        raise ValueError(f"draft model {draft_path}: vocabulary of {config.vocab_size} tokens, the target's has "
+                         f"{target_config.vocab_size}; a draft must share the target's tokenizer")
+    try:
+        draft_vocab = load_tokenizer(draft_path).get_vocab()
+    except (OSError, ValueError):  # no tokenizer files: the config's vocabulary size is all there is to check
+        return config
+    if draft_vocab != target_tokenizer.get_vocab():
+        raise ValueError(f"draft model {draft_path}: its tokenizer's vocabulary differs from the target's; "
+                         "a draft must share the target's tokenizer")
+    return config
+
+
 def safetensors_files(model_path: str) -> list[str]:
     """The shard list from the index file, or the single model.safetensors."""
     index = os.path.join(model_path, "model.safetensors.index.json")

@@ -1,0 +1,99 @@
+"""How many tokens to draft this step: speculation only where it pays for itself.
+
+A step that drafts k tokens per request costs k draft forwards plus a verify forward that is a
+little dearer than a plain decode step (k more tokens per request), and gains each request
+1 + a1 + a1*a2 + ... + a1*...*ak tokens, where aj is the measured rate at which draft position j is
+accepted once every earlier one was. The policy keeps moving averages of those costs per batch-size
+bucket (decode is memory-bound at small batches and compute-bound at large ones, so the answer
+changes with the batch) and of the acceptance rates, and picks the k with the most tokens per
+second; k = 0 is plain decoding. A choice held for ``PROBE_EVERY`` steps in a row is challenged once
+by the other extreme, so costs and acceptance are re-measured and speculation comes back when it
+pays again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+EMA = 0.2  # weight of the newest measurement
+PROBE_EVERY = 16
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new
+
+
+class _Bucket:
+    """Measured costs at one batch-size range, in seconds."""
+
+    def __init__(self) -> None:
+        self.plain_step: float | None = None
+        self.draft_forward: float | None = None  # one draft forward for the whole batch
+        self.verify_per_draft: float | None = None  # what each drafted position adds to the target's forward
+        self.last_choice = 0
+        self.streak = 0
+
+
+class AdaptivePolicy:
+    def __init__(self, max_k: int):
+        self.max_k = max_k
+        self.acceptance: list[float | None] = [None] * max_k  # conditional acceptance per draft position
+        self.buckets: dict[int, _Bucket] = {}
+        self.speculating = True  # it starts on, while the first costs and acceptance are measured
+        self.switches = 0
+
+    def choose(self, batch_size: int) -> int:
+        """Draft tokens per request for a step of ``batch_size`` decoding requests."""
+        bucket = self.buckets.setdefault(max(batch_size, 1).bit_length(), _Bucket())
+        if bucket.plain_step is None:
+            return 0
+        if bucket.draft_forward is None or self.acceptance[0] is None:
+            return self.max_k
+        best = max(range(self.max_k + 1), key=lambda k: (self.tokens_per_second(bucket, k), -k))
+        bucket.streak = bucket.streak + 1 if best == bucket.last_choice else 0
+        bucket.last_choice = best
+        self._note_switch(best > 0)
+        if bucket.streak >= PROBE_EVERY:  # re-measure the road not taken
+            bucket.streak = 0
+            return 0 if best else self.max_k
+        return best
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a request gains from a step that drafts k: 1 + a1 + a1*a2 + ..."""
+        total, reach = 1.0, 1.0
+        last = 0.0
+        for j in range(k):
+            last = self.acceptance[j] if self.acceptance[j] is not None else last
+            reach *= last
+            total += reach
+        return total
+
+    def tokens_per_second(self, bucket: _Bucket, k: int) -> float:
+        cost = bucket.plain_step + k * (bucket.draft_forward + bucket.verify_per_draft) if k else bucket.plain_step
+        return self.expected_tokens(k) / cost
+
+    def observe_step(self, batch_size: int, k: int, draft_seconds: float, step_seconds: float) -> None:
+        """A decode step of ``batch_size`` requests that drafted ``k`` tokens each (0: plain)."""
+        bucket = self.buckets.setdefault(max(batch_size, 1).bit_length(), _Bucket())
+        if k == 0:
+            bucket.plain_step = _ema(bucket.plain_step, step_seconds)
+        elif bucket.plain_step is not None:
+            bucket.draft_forward = _ema(bucket.draft_forward, draft_seconds / k)
+            bucket.verify_per_draft = _ema(bucket.verify_per_draft, max(step_seconds - bucket.plain_step, 0.0) / k)
+
+    def observe_acceptance(self, reached: list[int], accepted: list[int]) -> None:
+        """Per draft position j in one step: how many requests had a draft there with every earlier one
+        accepted, and how many of those had it accepted."""
+        for j, (r, a) in enumerate(zip(reached, accepted)):
+            if r:
+                self.acceptance[j] = _ema(self.acceptance[j], a / r)
+
+    def _note_switch(self, on: bool) -> None:
+        if on != self.speculating:
+            self.switches += 1
+            logger.info("speculative decoding %s: expected %.2f tokens per step at acceptance %s",
+                        "on" if on else "off", self.expected_tokens(self.max_k),
+                        [round(a, 2) for a in self.acceptance if a is not None])
+        self.speculating = on
