@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 EMA = 0.2  # weight of the newest measurement
 PROBE_EVERY = 16
+WARM_UP = 1  # first measurements of each kind per bucket dropped (new shapes: one-off allocations)
+TRUSTED = 3  # measurements of each kind a bucket needs before it is trusted
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -32,6 +34,8 @@ class _Bucket:
         self.plain_step: float | None = None
         self.draft_forward: float | None = None  # one draft forward for the whole batch
         self.verify_per_draft: float | None = None  # what each drafted position adds to the target's forward
+        self.num_plain = 0
+        self.num_spec = 0
         self.last_choice = 0
         self.streak = 0
 
@@ -47,9 +51,9 @@ class AdaptivePolicy:
     def choose(self, batch_size: int) -> int:
         """Draft tokens per request for a step of ``batch_size`` decoding requests."""
         bucket = self.buckets.setdefault(max(batch_size, 1).bit_length(), _Bucket())
-        if bucket.plain_step is None:
+        if bucket.num_plain < TRUSTED:
             return 0
-        if bucket.draft_forward is None or self.acceptance[0] is None:
+        if bucket.num_spec < TRUSTED or self.acceptance[0] is None:
             return self.max_k
         best = max(range(self.max_k + 1), key=lambda k: (self.tokens_per_second(bucket, k), -k))
         bucket.streak = bucket.streak + 1 if best == bucket.last_choice else 0
@@ -78,10 +82,14 @@ class AdaptivePolicy:
         """A decode step of ``batch_size`` requests that drafted ``k`` tokens each (0: plain)."""
         bucket = self.buckets.setdefault(max(batch_size, 1).bit_length(), _Bucket())
         if k == 0:
-            bucket.plain_step = _ema(bucket.plain_step, step_seconds)
+            bucket.num_plain += 1
+            if bucket.num_plain > WARM_UP:
+                bucket.plain_step = _ema(bucket.plain_step, step_seconds)
         elif bucket.plain_step is not None:
-            bucket.draft_forward = _ema(bucket.draft_forward, draft_seconds / k)
-            bucket.verify_per_draft = _ema(bucket.verify_per_draft, max(step_seconds - bucket.plain_step, 0.0) / k)
+            bucket.num_spec += 1
+            if bucket.num_spec > WARM_UP:
+                bucket.draft_forward = _ema(bucket.draft_forward, draft_seconds / k)
+                bucket.verify_per_draft = _ema(bucket.verify_per_draft, max(step_seconds - bucket.plain_step, 0.0) / k)
 
     def observe_acceptance(self, reached: list[int], accepted: list[int]) -> None:
         """Per draft position j in one step: how many requests had a draft there with every earlier one

@@ -91,6 +91,20 @@ def test_sliding_window(backend_cls):
     torch.testing.assert_close(out, expected_output(q, meta, seqs, full_k, full_v, 7), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("seqs", [
+    [(5, 5), (40, 5), (17, 5)],  # speculative verification: every sequence checks 4 drafts (no padding)
+    [(5, 1), (40, 1)],  # plain decoding
+    [(9, 5), (0, 3), (31, 1), (0, 40)],  # ragged short queries (padded) beside a long prefill
+])
+def test_short_queries_share_one_padded_call(seqs):
+    q, k_cache, v_cache, meta, full_k, full_v = build_batch(seqs, 8, 2, 64, 16)
+    backend = SdpaBackend()
+    meta = backend.build_metadata(meta)
+    assert len(meta.backend_data.prefills) == sum(n > 17 for _, n in seqs)
+    out = backend.forward(q, k_cache, v_cache, meta)
+    torch.testing.assert_close(out, expected_output(q, meta, seqs, full_k, full_v), atol=1e-4, rtol=1e-4)
+
+
 def test_online_softmax_rescales_when_a_later_tile_has_the_maximum():
     """Scores that grow along the keys force a new running maximum in every tile."""
     ctx, d = 64, 16

@@ -32,7 +32,7 @@ def llm(request, tiny_model, draft_of):
     valid. Every test runs without speculation, with a draft model, and with n-gram lookup: the
     grammar must hold at every draft position and across rollbacks."""
     target = tiny_model("qwen2")
-    spec = {"plain": None, "draft": dict(method="draft", draft_model=str(draft_of(target, num_layers=1)), adaptive=False),
+    spec = {"plain": None, "draft": dict(method="draft", draft_model=str(draft_of(target, noise=0.02)), adaptive=False),
             "ngram": dict(method="ngram", adaptive=False)}[request.param]
     return LLM(str(target), kv_cache_memory="64MiB", max_num_batched_tokens=256, speculative_config=spec)
 

@@ -1,9 +1,10 @@
 """The CPU backend: PyTorch SDPA over each sequence's K/V gathered from the paged cache.
 
 K/V are gathered by whole blocks (one contiguous copy per block, not per token), positions past a
-sequence's context are masked. Decoding sequences (one query each) are gathered into one padded
-batch served by a single SDPA call per layer; prefill chunks (with or without a cached prefix) get
-one call each. Block lists and masks are built once per step and shared by all layers.
+sequence's context are masked. Sequences with few new tokens (decodes: one; speculative verification:
+the last token and its drafts) are padded to the same query count and served by a single SDPA call
+per layer; longer prefill chunks (with or without a cached prefix) get one call each. Block lists and
+masks are built once per step and shared by all layers.
 """
 
 from __future__ import annotations
@@ -45,11 +46,19 @@ def gather(g: _Gather, cache: torch.Tensor, which: int, compute: torch.dtype) ->
     return out.view(-1, *cache.shape[2:])
 
 
+# Sequences with up to this many new tokens share the batched call (speculative decoding drafts <= 16).
+MAX_BATCHED_QUERY = 17
+
+
 @dataclass
-class _Decode:
-    token_index: torch.Tensor | None  # [b] rows of the flat batch; None when every row decodes
+class _Batched:
+    """Short-query sequences padded to ``qlen`` queries each (a pad repeats its sequence's last query)."""
+
+    token_index: torch.Tensor | None  # [b * qlen] flat-batch row per padded query; None: the batch is exactly these, in order
+    out_index: torch.Tensor | None  # flat-batch rows of the real queries
+    real: torch.Tensor | None  # [b * qlen] which padded queries are real; None: no padding
     gather: _Gather  # b * max_blocks block ids, padded
-    mask: torch.Tensor  # [b, 1, 1, max_blocks * block_size]
+    mask: torch.Tensor  # [b, 1, qlen, max_blocks * block_size]
 
 
 @dataclass
@@ -62,7 +71,7 @@ class _Prefill:
 
 @dataclass
 class _SdpaPlan:
-    decode: _Decode | None
+    batched: _Batched | None
     prefills: list[_Prefill]
 
 
@@ -72,21 +81,11 @@ class SdpaBackend:
         # CPUs without bf16/fp16 arithmetic run SDPA much faster in float32 (the upcast copies are small).
         compute = torch.float32 if device.type == "cpu" else meta.cache_dtype
         num_new = [meta.query_start[i + 1] - meta.query_start[i] for i in range(len(meta.context_lens))]
-        decode_rows = [i for i, n in enumerate(num_new) if n == 1]
-        decode = None
-        if decode_rows:
-            ctx = torch.tensor([meta.context_lens[i] for i in decode_rows], device=device)
-            num_blocks = -(-int(ctx.max()) // bs)
-            key_pos = torch.arange(num_blocks * bs, device=device)
-            mask = visible((ctx - 1)[:, None], key_pos[None, :], meta.sliding_window) & (key_pos[None, :] < ctx[:, None])
-            token_index = None
-            if len(decode_rows) < len(num_new):
-                token_index = torch.tensor([meta.query_start[i] for i in decode_rows], device=device)
-            blocks = meta.block_tables[decode_rows, :num_blocks].flatten()
-            decode = _Decode(token_index, make_gather(blocks, meta, compute), mask[:, None, None, :])
+        short = [i for i, n in enumerate(num_new) if n <= MAX_BATCHED_QUERY]
+        batched = self._plan_batched(short, num_new, meta, compute) if short else None
         prefills = []
         for i, (ctx, n) in enumerate(zip(meta.context_lens, num_new)):
-            if n == 1:
+            if n <= MAX_BATCHED_QUERY:
                 continue
             num_blocks = -(-ctx // bs)
             mask = None
@@ -96,8 +95,29 @@ class SdpaBackend:
                 mask = visible(query_pos[:, None], key_pos[None, :], meta.sliding_window)
             prefills.append(_Prefill(meta.query_start[i], meta.query_start[i + 1],
                                      make_gather(meta.block_tables[i, :num_blocks], meta, compute), mask))
-        meta.backend_data = _SdpaPlan(decode, prefills)
+        meta.backend_data = _SdpaPlan(batched, prefills)
         return meta
+
+    @staticmethod
+    def _plan_batched(rows: list[int], num_new: list[int], meta: AttentionMetadata, compute: torch.dtype) -> _Batched:
+        device, bs = meta.slot_mapping.device, meta.block_size
+        qlen = max(num_new[i] for i in rows)
+        ctx = torch.tensor([meta.context_lens[i] for i in rows], device=device)
+        n = torch.tensor([num_new[i] for i in rows], device=device)
+        j = torch.arange(qlen, device=device)
+        offset = torch.minimum(j[None, :], (n - 1)[:, None])  # [b, qlen]: pads repeat the last query
+        num_blocks = -(-int(ctx.max()) // bs)
+        key_pos = torch.arange(num_blocks * bs, device=device)
+        query_pos = (ctx - n)[:, None] + offset
+        mask = visible(query_pos[:, :, None], key_pos, meta.sliding_window) & (key_pos < ctx[:, None, None])
+        token_index = out_index = real = None
+        if len(rows) < len(num_new) or any(num_new[i] != qlen for i in rows):
+            starts = torch.tensor([meta.query_start[i] for i in rows], device=device)
+            token_index = (starts[:, None] + offset).flatten()
+            real = (j[None, :] < n[:, None]).flatten()
+            out_index = token_index[real]
+        blocks = meta.block_tables[rows, :num_blocks].flatten()
+        return _Batched(token_index, out_index, real, make_gather(blocks, meta, compute), mask[:, None])
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -105,17 +125,18 @@ class SdpaBackend:
         kv_heads, head_dim = k_cache.shape[2:]
         compute = torch.float32 if q.device.type == "cpu" else q.dtype
         out = torch.empty_like(q)
-        if plan.decode is not None:
-            d = plan.decode
-            b = d.mask.shape[0]
+        if plan.batched is not None:
+            d = plan.batched
+            b, _, qlen, _ = d.mask.shape
             kd = gather(d.gather, k_cache, 0, compute).view(b, -1, kv_heads, head_dim).transpose(1, 2)
             vd = gather(d.gather, v_cache, 1, compute).view(b, -1, kv_heads, head_dim).transpose(1, 2)
             qd = q if d.token_index is None else q.index_select(0, d.token_index)
-            od = F.scaled_dot_product_attention(qd.unsqueeze(2).to(compute), kd, vd, attn_mask=d.mask, scale=meta.scale,
-                                                enable_gqa=True).squeeze(2).to(q.dtype)  # [b, heads, d]
-            if d.token_index is None:  # every row decodes: nothing else to fill in
+            qd = qd.view(b, qlen, *q.shape[1:]).transpose(1, 2).to(compute)  # [b, heads, qlen, d]
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=meta.scale, enable_gqa=True)
+            od = od.transpose(1, 2).reshape(b * qlen, *q.shape[1:]).to(q.dtype)
+            if d.token_index is None:  # the batch is exactly these queries: nothing else to fill in
                 return od
-            out.index_copy_(0, d.token_index, od)
+            out.index_copy_(0, d.out_index, od[d.real])
         for p in plan.prefills:
             kp = gather(p.gather, k_cache, 0, compute).transpose(0, 1).unsqueeze(0)
             vp = gather(p.gather, v_cache, 1, compute).transpose(0, 1).unsqueeze(0)
