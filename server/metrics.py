@@ -38,8 +38,10 @@ class EngineCollector(Collector):
             "prefix_cache_queries": ("prompt tokens looked up in the prefix cache", s.prefix_cache_queries),
             "prefix_cache_hits": ("prompt tokens found in the prefix cache", s.prefix_cache_hits),
             "jump_forward_tokens": ("tokens a grammar forced, appended without sampling", s.jump_forward_tokens),
-            "spec_decode_num_draft_tokens": ("tokens proposed by speculative decoding", s.spec_draft_tokens),
-            "spec_decode_num_accepted_tokens": ("speculative tokens accepted", s.spec_accepted_tokens),
+            "spec_decode_num_drafts": ("request-steps that drafted tokens (speculative decoding)", s.spec.num_drafts),
+            "spec_decode_num_draft_tokens": ("tokens proposed by speculative decoding", s.spec.draft_tokens),
+            "spec_decode_num_accepted_tokens": ("speculative tokens accepted", s.spec.accepted_tokens),
+            "spec_decode_num_switches": ("times the adaptive policy turned speculation on or off", s.spec.switches),
         }
         gauges = {
             "num_requests_running": ("requests in the running batch", s.num_running),
@@ -53,6 +55,13 @@ class EngineCollector(Collector):
         for name, (doc, value) in gauges.items():
             family = GaugeMetricFamily(f"kvserve:{name}", doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
+            yield family
+        per_position = {"num_accepted_tokens_per_pos": ("drafts accepted at each draft position", s.spec.accepted_per_position),
+                        "num_draft_tokens_per_pos": ("drafts proposed at each draft position", s.spec.drafted_per_position)}
+        for name, (doc, values) in per_position.items():
+            family = CounterMetricFamily(f"kvserve:spec_decode_{name}", doc, labels=["model_name", "position"])
+            for position, value in enumerate(values):
+                family.add_metric([self.model_name, str(position)], value)
             yield family
 
 

@@ -7,8 +7,10 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -21,6 +23,7 @@ from engine.outputs import ScheduledRequest
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.speculative import NgramProposer, Speculator, residual
+from server_process import running_server
 
 # Prompts of mixed lengths that repeat themselves, so n-gram lookup finds matches.
 PROMPTS = [[1] + list(range(10, 10 + n)) * 2 for n in (3, 9, 20, 40, 70)]
@@ -270,3 +273,26 @@ def test_policy_picks_the_k_with_most_tokens_per_second():
 def test_engine_config_carries_the_speculative_settings(target):
     engine = LLMEngine(EngineConfig(model=str(target), speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=2)))
     assert engine.speculator.max_k == 2 and engine.speculator.policy is not None
+
+
+@pytest.mark.parametrize("flags", [["--draft-model", "{draft}", "--no-adaptive-speculation", "--num-speculative-tokens", "3"],
+                                   ["--speculative-method", "ngram", "--ngram-max", "3", "--no-adaptive-speculation"]])
+def test_served_with_speculation_same_text_and_metrics(target, drafts, flags):
+    """Through the CLI flags and the openai client: greedy text as without speculation, streamed and
+    not, and the drafted/accepted counters (overall and per position) on /metrics."""
+    expected = LLM(str(target)).generate(prompt_token_ids=PROMPTS[:3], sampling_params=GREEDY)
+    with running_server(target, "--kv-cache-memory", "16MiB", *[f.format(draft=drafts["noisy"]) for f in flags]) as srv:
+        client = srv.client()
+        for prompt, want in zip(PROMPTS[:3], expected):
+            kwargs = dict(model=str(target), prompt=prompt, max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+            assert client.completions.create(**kwargs).choices[0].text == want.text
+            streamed = client.completions.create(**kwargs, stream=True)
+            assert "".join(c.choices[0].text for c in streamed if c.choices) == want.text
+        samples = {(s.name, s.labels.get("position")): s.value
+                   for family in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics").text) for s in family.samples}
+        stats = srv.stats()["spec"]
+    assert samples[("kvserve:spec_decode_num_draft_tokens_total", None)] == stats["draft_tokens"] > 0
+    assert samples[("kvserve:spec_decode_num_accepted_tokens_total", None)] == stats["accepted_tokens"]
+    assert samples[("kvserve:spec_decode_num_accepted_tokens_per_pos_total", "0")] == stats["accepted_per_position"][0]
+    assert sum(samples[("kvserve:spec_decode_num_draft_tokens_per_pos_total", str(j))]
+               for j in range(len(stats["drafted_per_position"]))) == stats["draft_tokens"]
