@@ -109,8 +109,9 @@ class LLMEngine:
         return Speculator(spec, proposer, self.sampler, lambda: self.structured)
 
     def _warm_up_decode(self) -> None:
-        """Compile the decode graphs (batch 1, which torch specialises, and batch > 1) before serving.
-        The context spans two blocks so that no block-count dimension is specialised to 1 either."""
+        """Compile the decode graphs (batch 1, which torch specialises, and batch > 1) of the model and
+        of a draft model before serving. The context spans two blocks so that no block-count dimension
+        is specialised to 1 either."""
         logger.info("compiling the decode step (torch.compile); this takes a minute or two on CPU")
         context = self.config.block_size + 1
         for batch in (1, 2):
@@ -118,9 +119,16 @@ class LLMEngine:
             for req in reqs:
                 self.kv.allocate(req.block_table, context)
                 req.num_computed_tokens = context - 1
-            self.runner.execute(SchedulerOutput([ScheduledRequest(req, 1) for req in reqs]))
+            for runner in self.runners:
+                runner.execute(SchedulerOutput([ScheduledRequest(req, 1) for req in reqs]))
             for req in reqs:
                 self.kv.free_blocks(req.block_table)
+
+    @property
+    def runners(self) -> list[ModelRunner]:
+        """The target's runner, and the draft model's when speculative decoding uses one."""
+        proposer = self.speculator.proposer if self.speculator else None
+        return [self.runner] + ([proposer.runner] if isinstance(proposer, DraftModelProposer) else [])
 
     @property
     def structured(self) -> StructuredOutputs:

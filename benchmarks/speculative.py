@@ -1,0 +1,132 @@
+"""Speculative decoding: tokens/s with and without it, at controlled acceptance.
+
+    python benchmarks/speculative.py [--max-tokens 64] [--out benchmarks/results/speculative.json]
+
+Real draft/target pairs cannot be downloaded here, so the target is bench-135m with seeded random
+weights (written once under ~/.cache/kvserve) and the drafts are made from it:
+  (a) the target itself: every draft is accepted; the upper bound of what drafting costs;
+  (b) its first 2 layers with the shared embeddings and head, perturbed: a cheap draft.
+Each runs at concurrency 1 and 16, with the adaptive policy off (always draft k) and on. n-gram
+lookup runs on a copy-editing workload with the real SmolLM2-135M-Instruct (the embedded GGUF),
+whose answers repeat the text they are given. Greedy decoding throughout, so every configuration
+must produce the plain run's tokens; the script checks that too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from bench_model import make_bench_model, make_draft_model
+
+from engine import LLM, SamplingParams
+
+CACHE = Path.home() / ".cache" / "kvserve"
+PASSAGE = ("The commitee met on tuesday to discuss the new budjet. Several members argued that the city should "
+           "spend more on public transport, while others wanted lower taxes. In the end they agreed to meet again "
+           "next month, after the finance office has published it's report on last years spending.")
+
+
+def timed_generate(llm: LLM, prompts, params: SamplingParams, repeats: int) -> tuple[list, float]:
+    """Outputs and the median wall time over ``repeats`` runs (after one untimed warm-up run)."""
+    kwargs = dict(prompt_token_ids=prompts) if isinstance(prompts[0], list) else dict(prompts=prompts)
+    llm.generate(sampling_params=params, **kwargs)
+    times, outputs = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outputs = llm.generate(sampling_params=params, **kwargs)
+        times.append(time.perf_counter() - start)
+    return outputs, statistics.median(times)
+
+
+def run(llm: LLM, prompts, params: SamplingParams, repeats: int, reference: list | None) -> dict:
+    before = llm.engine.stats().spec
+    outputs, seconds = timed_generate(llm, prompts, params, repeats)
+    spec = llm.engine.stats().spec
+    drafted, accepted = spec.draft_tokens - before.draft_tokens, spec.accepted_tokens - before.accepted_tokens
+    drafts = spec.num_drafts - before.num_drafts
+    tokens = sum(len(o.token_ids) for o in outputs)
+    return {"tokens_per_s": round(tokens / seconds, 1), "seconds": round(seconds, 2), "tokens": tokens,
+            "acceptance": round(accepted / drafted, 3) if drafted else None,
+            "mean_accepted_length": round(1 + accepted / drafts, 2) if drafts else None,
+            "switches": spec.switches,
+            "same_tokens_as_plain": None if reference is None else [o.token_ids for o in outputs] == [r.token_ids for r in reference]}
+
+
+def bench_drafts(args) -> list[dict]:
+    target = make_bench_model(CACHE / "bench-135m-weights", weights=True)
+    drafts = {"target itself": target,
+              "2-layer perturbed": make_draft_model(target, CACHE / "bench-135m-draft-2l", num_layers=2, noise=args.noise, seed=1)}
+    rng = random.Random(0)
+    rows = []
+    for concurrency, num_prompts in ((1, 4), (16, 16)):
+        prompts = [[rng.randrange(3, 49152) for _ in range(128)] for _ in range(num_prompts)]
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+        common = dict(dtype=args.dtype, max_num_seqs=concurrency, kv_cache_memory="4GiB")
+        plain = LLM(str(target), **common)
+        reference, seconds = timed_generate(plain, prompts, params, args.repeats)
+        base = sum(len(o.token_ids) for o in reference) / seconds
+        rows.append({"concurrency": concurrency, "draft": None, "adaptive": None, "tokens_per_s": round(base, 1)})
+        print(rows[-1], flush=True)
+        del plain
+        for name, draft in drafts.items():
+            for adaptive in (False, True):
+                llm = LLM(str(target), **common, speculative_config=dict(
+                    method="draft", draft_model=draft, num_speculative_tokens=args.k, adaptive=adaptive))
+                row = {"concurrency": concurrency, "draft": name, "adaptive": adaptive,
+                       **run(llm, prompts, params, args.repeats, reference)}
+                row["speedup"] = round(row["tokens_per_s"] / base, 2)
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def bench_ngram(args) -> list[dict]:
+    from server.cli import embedded_model
+
+    model = embedded_model()
+    rows = []
+    params = SamplingParams(max_tokens=args.max_tokens * 2, temperature=0)
+    plain = LLM(model, dtype=args.dtype, kv_cache_memory="2GiB")
+    tokenizer = plain.tokenizer
+    asks = ["Fix the spelling mistakes in this text and return the corrected text only:\n\n",
+            "Repeat this text word for word:\n\n"]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": ask + PASSAGE}], tokenize=False,
+                                             add_generation_prompt=True) for ask in asks]
+    reference, seconds = timed_generate(plain, prompts, params, args.repeats)
+    base = sum(len(o.token_ids) for o in reference) / seconds
+    rows.append({"model": "SmolLM2-135M-Instruct (GGUF)", "method": None, "tokens_per_s": round(base, 1)})
+    print(rows[-1], flush=True)
+    del plain
+    for adaptive in (False, True):
+        llm = LLM(model, dtype=args.dtype, kv_cache_memory="2GiB",
+                  speculative_config=dict(method="ngram", num_speculative_tokens=args.k, adaptive=adaptive))
+        row = {"model": "SmolLM2-135M-Instruct (GGUF)", "method": "ngram", "adaptive": adaptive,
+               **run(llm, prompts, params, args.repeats, reference)}
+        row["speedup"] = round(row["tokens_per_s"] / base, 2)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("-k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--noise", type=float, default=0.02, help="perturbation of the 2-layer draft")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--skip-ngram", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/speculative.json")
+    args = parser.parse_args()
+    result = {"settings": vars(args), "drafts": bench_drafts(args), "ngram": [] if args.skip_ngram else bench_ngram(args)}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
