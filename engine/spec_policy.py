@@ -8,7 +8,7 @@ bucket (decode is memory-bound at small batches and compute-bound at large ones,
 changes with the batch) and of the acceptance rates, and picks the k with the most tokens per
 second; k = 0 is plain decoding. A choice held for ``PROBE_EVERY`` steps in a row is challenged once
 by the other extreme, so costs and acceptance are re-measured and speculation comes back when it
-pays again.
+pays again; each probe that confirms the choice doubles the wait before the next.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import logging
 logger = logging.getLogger(__name__)
 
 EMA = 0.2  # weight of the newest measurement
-PROBE_EVERY = 16
+PROBE_EVERY = 16  # steps a choice is held before the other extreme is tried; doubles while probes confirm it
+MAX_PROBE_EVERY = 512
 WARM_UP = 1  # first measurements of each kind per bucket dropped (new shapes: one-off allocations)
 TRUSTED = 3  # measurements of each kind a bucket needs before it is trusted
 
@@ -38,6 +39,7 @@ class _Bucket:
         self.num_spec = 0
         self.last_choice = 0
         self.streak = 0
+        self.probe_every = PROBE_EVERY
 
 
 class AdaptivePolicy:
@@ -56,11 +58,13 @@ class AdaptivePolicy:
         if bucket.num_spec < TRUSTED or self.acceptance[0] is None:
             return self.max_k
         best = max(range(self.max_k + 1), key=lambda k: (self.tokens_per_second(bucket, k), -k))
-        bucket.streak = bucket.streak + 1 if best == bucket.last_choice else 0
+        if (best > 0) != (bucket.last_choice > 0):
+            bucket.streak, bucket.probe_every = 0, PROBE_EVERY
+        bucket.streak += 1
         bucket.last_choice = best
         self._note_switch(best > 0)
-        if bucket.streak >= PROBE_EVERY:  # re-measure the road not taken
-            bucket.streak = 0
+        if bucket.streak >= bucket.probe_every:  # re-measure the road not taken, less often while it keeps losing
+            bucket.streak, bucket.probe_every = 0, min(2 * bucket.probe_every, MAX_PROBE_EVERY)
             return 0 if best else self.max_k
         return best
 

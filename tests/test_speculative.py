@@ -11,10 +11,10 @@ import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import engine.speculative as speculative
+from bench_model import damp_layers
 from conftest import build_tiny_model
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.config import SpeculativeConfig
@@ -36,12 +36,7 @@ def target(tmp_path_factory) -> Path:
     made of its first layer is cheap (1/12 of the layers) and usually right, like a real small draft."""
     path = build_tiny_model("llama", tmp_path_factory.mktemp("spec-target"), num_hidden_layers=12,
                             hidden_size=128, intermediate_size=256, head_dim=32)
-    weights = load_file(path / "model.safetensors")
-    for name in weights:
-        if name.startswith("model.layers.") and int(name.split(".")[2]) >= 1 and name.endswith(("o_proj.weight", "down_proj.weight")):
-            weights[name] = weights[name] * 0.002
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    return path
+    return damp_layers(path, first=1, factor=0.002)
 
 
 @pytest.fixture(scope="module")
