@@ -18,6 +18,7 @@ must produce the plain run's tokens; the script checks that too.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import shutil
@@ -74,10 +75,10 @@ def bench_drafts(args) -> list[dict]:
     }
     rng = random.Random(0)
     rows = []
-    for concurrency, num_prompts in ((1, 4), (16, 16)):
-        prompts = [[rng.randrange(3, 49152) for _ in range(128)] for _ in range(num_prompts)]
+    for concurrency in args.concurrency:
+        prompts = [[rng.randrange(3, 49152) for _ in range(128)] for _ in range(max(concurrency, 4))]
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-        common = dict(dtype=args.dtype, max_num_seqs=concurrency, kv_cache_memory="4GiB")
+        common = dict(dtype=args.dtype, max_num_seqs=concurrency, kv_cache_memory="1GiB")
         for target_name, drafts in setups.items():
             target = random_target if target_name == "bench-135m" else damped
             plain = LLM(str(target), **common)
@@ -86,6 +87,7 @@ def bench_drafts(args) -> list[dict]:
             rows.append({"concurrency": concurrency, "target": target_name, "draft": None, "tokens_per_s": round(base, 1)})
             print(rows[-1], flush=True)
             del plain
+            gc.collect()
             for name, draft in drafts.items():
                 for adaptive in (False, True):
                     llm = LLM(str(target), **common, speculative_config=dict(
@@ -95,6 +97,8 @@ def bench_drafts(args) -> list[dict]:
                     row["speedup"] = round(row["tokens_per_s"] / base, 2)
                     rows.append(row)
                     print(row, flush=True)
+                    del llm
+                    gc.collect()  # the engine holds reference cycles; free its KV cache before the next one
     return rows
 
 
@@ -123,12 +127,15 @@ def bench_ngram(args) -> list[dict]:
         row["speedup"] = round(row["tokens_per_s"] / base, 2)
         rows.append(row)
         print(row, flush=True)
+        del llm
+        gc.collect()
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("-k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--noise", type=float, default=0.02, help="perturbation of the 2-layer draft")
     parser.add_argument("--damping", type=float, default=0.01, help="output scale of the damped target's layers 2-29")

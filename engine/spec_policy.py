@@ -83,7 +83,8 @@ class AdaptivePolicy:
         return self.expected_tokens(k) / cost
 
     def observe_step(self, batch_size: int, k: int, draft_seconds: float, step_seconds: float) -> None:
-        """A decode step of ``batch_size`` requests that drafted ``k`` tokens each (0: plain)."""
+        """A decode step of ``batch_size`` requests that drafted ``k`` tokens each (0: plain):
+        ``draft_seconds`` drafting, ``step_seconds`` everything else (the forward, sampling, outputs)."""
         bucket = self.buckets.setdefault(max(batch_size, 1).bit_length(), _Bucket())
         if k == 0:
             bucket.num_plain += 1

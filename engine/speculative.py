@@ -78,6 +78,8 @@ class NgramProposer:
     """Prompt lookup: the latest earlier occurrence of the sequence's last n tokens (longest n first)
     and the tokens that followed it. No model and no KV; the proposal is deterministic."""
 
+    forward_seconds: list[float] = []  # no model forwards: drafting costs only the lookup
+
     def __init__(self, ngram_min: int, ngram_max: int):
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
 
@@ -121,13 +123,16 @@ class DraftModelProposer:
 
     def __init__(self, runner: ModelRunner, sampler: Sampler, structured: Callable[[], StructuredOutputs]):
         self.runner, self.sampler, self.structured = runner, sampler, structured
+        self.forward_seconds: list[float] = []  # the last proposal's forwards, the catch-up one first
 
     def propose(self, reqs: list[Request], num_drafts: list[int]) -> list[Proposal]:
+        self.forward_seconds = []
         seqs = [_DraftSequence(req) for req in reqs]
         drafts: list[list[int]] = [[] for _ in reqs]
         probs: list[list[torch.Tensor]] = [[] for _ in reqs]
         active = [i for i, k in enumerate(num_drafts) if k > 0]
         while active:
+            started = time.perf_counter()
             sched = SchedulerOutput([ScheduledRequest(seqs[i], seqs[i].num_tokens - seqs[i].num_computed_tokens)
                                      for i in active])
             logits = self.runner.execute(sched).logits
@@ -150,6 +155,7 @@ class DraftModelProposer:
                 if len(drafts[i]) < num_drafts[i] and not ended:
                     still.append(i)
             active = still
+            self.forward_seconds.append(time.perf_counter() - started)
         for req, seq, d in zip(reqs, seqs, drafts):
             req.draft_num_computed = seq.num_computed_tokens
             if req.matcher is not None and d:
@@ -296,7 +302,16 @@ class Speculator:
             self.stats.switches = self.policy.switches
 
     def observe_step(self, items: list[ScheduledRequest], step_seconds: float) -> None:
-        """Tell the policy what a pure decode step cost, when every request drafted the step's k."""
+        """Tell the policy what a pure decode step cost (drafting, and the rest), when every request
+        drafted the step's k."""
         if self.policy is not None and all(item.num_lookahead == self.step_k for item in items):
             k = max((len(item.spec_token_ids) for item in items), default=0)
-            self.policy.observe_step(len(items), k, self.draft_seconds, step_seconds)
+            self.policy.observe_step(len(items), k, self.draft_cost(k), step_seconds - self.draft_seconds)
+
+    def draft_cost(self, k: int) -> float:
+        """What drafting k tokens costs in steady state. The first draft forward also catches up on the
+        tokens the draft has not seen, which after a stretch without speculation can be many; counting
+        them would make every probe look dear and keep speculation off, so single-token forwards set the price."""
+        forwards = self.proposer.forward_seconds
+        steady = forwards[1:] or forwards
+        return k * sum(steady) / len(steady) if steady else self.draft_seconds
