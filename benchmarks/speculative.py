@@ -135,7 +135,7 @@ def bench_ngram(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 16], help="none: n-gram only")
     parser.add_argument("-k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--noise", type=float, default=0.02, help="perturbation of the 2-layer draft")
     parser.add_argument("--damping", type=float, default=0.01, help="output scale of the damped target's layers 2-29")
