@@ -29,6 +29,7 @@ from pathlib import Path
 from bench_model import damp_layers, make_bench_model, make_draft_model
 
 from engine import LLM, SamplingParams
+from engine.models.loader import load_tokenizer
 
 CACHE = Path.home() / ".cache" / "kvserve"
 PASSAGE = ("The commitee met on tuesday to discuss the new budjet. Several members argued that the city should "
@@ -62,43 +63,51 @@ def run(llm: LLM, prompts, params: SamplingParams, repeats: int, reference: list
             "same_tokens_as_plain": None if reference is None else [o.token_ids for o in outputs] == [r.token_ids for r in reference]}
 
 
+def compare(model: str, llm_kwargs: dict, spec_configs: dict[str, dict], prompts, params: SamplingParams,
+            repeats: int, labels: dict) -> list[dict]:
+    """Plain decoding, then each speculative configuration, on the same prompts: one row each
+    (``labels`` plus the measurements), with the speed-up over plain and whether the tokens match."""
+    rows = []
+    for name, spec in {None: None, **spec_configs}.items():
+        llm = LLM(model, **llm_kwargs, speculative_config=spec)
+        if spec is None:
+            reference, seconds = timed_generate(llm, prompts, params, repeats)
+            base = sum(len(o.token_ids) for o in reference) / seconds
+            row = {**labels, "speculation": None, "tokens_per_s": round(base, 1)}
+        else:
+            row = {**labels, "speculation": name, **run(llm, prompts, params, repeats, reference)}
+            row["speedup"] = round(row["tokens_per_s"] / base, 2)
+        rows.append(row)
+        print(row, flush=True)
+        del llm
+        gc.collect()  # the engine holds reference cycles; free its KV cache before the next one
+    return rows
+
+
 def bench_drafts(args) -> list[dict]:
     random_target = make_bench_model(CACHE / "bench-135m-weights", weights=True)
     damped = CACHE / "bench-135m-damped"
     if not damped.exists():
         shutil.copytree(random_target, damped)
         damp_layers(damped, first=2, factor=args.damping)
-    setups = {  # target -> drafts
-        "bench-135m": {"target itself": random_target,
-                       "2-layer perturbed": make_draft_model(random_target, CACHE / "bench-135m-draft-2l", 2, args.noise, seed=1)},
-        "bench-135m, layers 2-29 damped": {"2-layer": make_draft_model(damped, CACHE / "bench-135m-damped-draft-2l", 2)},
+    setups = {  # (name, target) -> drafts
+        ("bench-135m", random_target): {
+            "target itself": random_target,
+            "2-layer perturbed": make_draft_model(random_target, CACHE / "bench-135m-draft-2l", 2, args.noise, seed=1)},
+        ("bench-135m, layers 2-29 damped", damped): {
+            "2-layer": make_draft_model(damped, CACHE / "bench-135m-damped-draft-2l", 2)},
     }
     rng = random.Random(0)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     rows = []
     for concurrency in args.concurrency:
         prompts = [[rng.randrange(3, 49152) for _ in range(128)] for _ in range(max(concurrency, 4))]
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-        common = dict(dtype=args.dtype, max_num_seqs=concurrency, kv_cache_memory="1GiB")
-        for target_name, drafts in setups.items():
-            target = random_target if target_name == "bench-135m" else damped
-            plain = LLM(str(target), **common)
-            reference, seconds = timed_generate(plain, prompts, params, args.repeats)
-            base = sum(len(o.token_ids) for o in reference) / seconds
-            rows.append({"concurrency": concurrency, "target": target_name, "draft": None, "tokens_per_s": round(base, 1)})
-            print(rows[-1], flush=True)
-            del plain
-            gc.collect()
-            for name, draft in drafts.items():
-                for adaptive in (False, True):
-                    llm = LLM(str(target), **common, speculative_config=dict(
-                        method="draft", draft_model=draft, num_speculative_tokens=args.k, adaptive=adaptive))
-                    row = {"concurrency": concurrency, "target": target_name, "draft": name, "adaptive": adaptive,
-                           **run(llm, prompts, params, args.repeats, reference)}
-                    row["speedup"] = round(row["tokens_per_s"] / base, 2)
-                    rows.append(row)
-                    print(row, flush=True)
-                    del llm
-                    gc.collect()  # the engine holds reference cycles; free its KV cache before the next one
+        for (name, target), drafts in setups.items():
+            configs = {f"{draft_name}, {'adaptive' if adaptive else 'always k'}": dict(
+                method="draft", draft_model=draft, num_speculative_tokens=args.k, adaptive=adaptive)
+                for draft_name, draft in drafts.items() for adaptive in (False, True)}
+            rows += compare(str(target), dict(dtype=args.dtype, max_num_seqs=concurrency, kv_cache_memory="1GiB"),
+                            configs, prompts, params, args.repeats, {"concurrency": concurrency, "target": name})
     return rows
 
 
@@ -106,30 +115,16 @@ def bench_ngram(args) -> list[dict]:
     from server.cli import embedded_model
 
     model = embedded_model()
-    rows = []
-    params = SamplingParams(max_tokens=args.max_tokens * 2, temperature=0)
-    plain = LLM(model, dtype=args.dtype, kv_cache_memory="2GiB")
-    tokenizer = plain.tokenizer
+    tokenizer = load_tokenizer(model)
     asks = ["Fix the spelling mistakes in this text and return the corrected text only:\n\n",
             "Repeat this text word for word:\n\n"]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": ask + PASSAGE}], tokenize=False,
                                              add_generation_prompt=True) for ask in asks]
-    reference, seconds = timed_generate(plain, prompts, params, args.repeats)
-    base = sum(len(o.token_ids) for o in reference) / seconds
-    rows.append({"model": "SmolLM2-135M-Instruct (GGUF)", "method": None, "tokens_per_s": round(base, 1)})
-    print(rows[-1], flush=True)
-    del plain
-    for adaptive in (False, True):
-        llm = LLM(model, dtype=args.dtype, kv_cache_memory="2GiB",
-                  speculative_config=dict(method="ngram", num_speculative_tokens=args.k, adaptive=adaptive))
-        row = {"model": "SmolLM2-135M-Instruct (GGUF)", "method": "ngram", "adaptive": adaptive,
-               **run(llm, prompts, params, args.repeats, reference)}
-        row["speedup"] = round(row["tokens_per_s"] / base, 2)
-        rows.append(row)
-        print(row, flush=True)
-        del llm
-        gc.collect()
-    return rows
+    configs = {f"ngram, {'adaptive' if adaptive else 'always k'}": dict(
+        method="ngram", num_speculative_tokens=args.k, adaptive=adaptive) for adaptive in (False, True)}
+    return compare(model, dict(dtype=args.dtype, kv_cache_memory="2GiB"), configs, prompts,
+                   SamplingParams(max_tokens=args.max_tokens * 2, temperature=0), args.repeats,
+                   {"model": "SmolLM2-135M-Instruct (GGUF)"})
 
 
 def main() -> None:

@@ -42,6 +42,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return DTYPES[dtype]
 
 
+def head_dim(hf_config) -> int:
+    """Per-head size: the config's own ``head_dim`` when it has one (Qwen3, Gemma), else hidden / heads."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
 @dataclass
 class SpeculativeConfig:
     """Speculative decoding: a proposer drafts up to ``num_speculative_tokens`` tokens per request and

@@ -13,6 +13,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from engine.config import head_dim
+
 
 def hash_block(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
     """Chained SHA-256: a block's identity includes everything before it, and a crafted prompt cannot
@@ -22,8 +24,7 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
 
 def kv_block_bytes(hf_config, block_size: int, dtype_bytes: int) -> int:
     """Bytes one block of K and V takes across every layer of a model (Hugging Face config)."""
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    return 2 * hf_config.num_hidden_layers * block_size * hf_config.num_key_value_heads * head_dim * dtype_bytes
+    return 2 * hf_config.num_hidden_layers * block_size * hf_config.num_key_value_heads * head_dim(hf_config) * dtype_bytes
 
 
 class KVCacheManager:

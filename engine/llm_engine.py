@@ -180,7 +180,7 @@ class LLMEngine:
 
     # --- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        lookahead = self.speculator.lookahead(len(self.scheduler.running)) if self.speculator else 0
+        lookahead = self.speculator.lookahead(len(self.scheduler.running)) if self.speculator else None
         sched = self.scheduler.schedule(lookahead)
         if not sched.scheduled:
             return []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.config import head_dim
 from engine.outputs import RunnerOutput, SchedulerOutput
 
 
@@ -29,7 +30,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim(config)
         self.scale = self.head_dim ** -0.5
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

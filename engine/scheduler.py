@@ -9,7 +9,7 @@ freed and it goes back to the front of the queue to be recomputed later (its cac
 usually survive, so the recompute is cheap).
 
 With speculative decoding, a request whose chunk reaches its last token also gets up to
-``num_lookahead`` extra KV slots (and budget) for draft tokens; lookahead never causes preemption:
+``lookahead_of(request)`` extra KV slots (and budget) for draft tokens; lookahead never causes preemption:
 when blocks are short a request simply decodes without drafts this step.
 """
 
@@ -38,9 +38,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, num_lookahead: int | Callable[[Request], int] = 0) -> SchedulerOutput:
-        """``num_lookahead``: draft slots per request (or a function of the request)."""
-        lookahead_of = num_lookahead if callable(num_lookahead) else (lambda _req: num_lookahead)
+    def schedule(self, lookahead_of: Callable[[Request], int] | None = None) -> SchedulerOutput:
+        """``lookahead_of``: draft slots wanted per request (speculative decoding); None: none."""
+        lookahead_of = lookahead_of or (lambda _req: 0)
         budget = self.max_num_batched_tokens
         out = SchedulerOutput(scheduled=[])
         i = 0

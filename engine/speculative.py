@@ -78,7 +78,7 @@ class NgramProposer:
     """Prompt lookup: the latest earlier occurrence of the sequence's last n tokens (longest n first)
     and the tokens that followed it. No model and no KV; the proposal is deterministic."""
 
-    forward_seconds: list[float] = []  # no model forwards: drafting costs only the lookup
+    forward_seconds: tuple[float, ...] = ()  # no model forwards: drafting costs only the lookup
 
     def __init__(self, ngram_min: int, ngram_max: int):
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
