@@ -1,7 +1,8 @@
 """How many tokens to draft this step: speculation only where it pays for itself.
 
-A step that drafts k tokens per request costs k draft forwards plus a verify forward that is a
-little dearer than a plain decode step (k more tokens per request), and gains each request
+A step that drafts k tokens per request costs k draft forwards plus a verify step that is dearer than
+a plain decode step (1 + k tokens per request; on a CPU the step from one row to two, matrix-vector to
+matrix-matrix, costs the most, so the cost is measured per k rather than assumed linear), and gains each request
 1 + a1 + a1*a2 + ... + a1*...*ak tokens, where aj is the measured rate at which draft position j is
 accepted once every earlier one was. The policy keeps moving averages of those costs per batch-size
 bucket (decode is memory-bound at small batches and compute-bound at large ones, so the answer
@@ -34,7 +35,7 @@ class _Bucket:
     def __init__(self) -> None:
         self.plain_step: float | None = None
         self.draft_forward: float | None = None  # one draft forward for the whole batch
-        self.verify_per_draft: float | None = None  # what each drafted position adds to the target's forward
+        self.verify_step: dict[int, float] = {}  # k -> the target's step (forward, sampling, outputs) with k drafts
         self.num_plain = 0
         self.num_spec = 0
         self.last_choice = 0
@@ -79,8 +80,11 @@ class AdaptivePolicy:
         return total
 
     def tokens_per_second(self, bucket: _Bucket, k: int) -> float:
-        cost = bucket.plain_step + k * (bucket.draft_forward + bucket.verify_per_draft) if k else bucket.plain_step
-        return self.expected_tokens(k) / cost
+        if k == 0:
+            return 1.0 / bucket.plain_step
+        # A k not measured yet costs what the nearest measured one did (the larger on a tie).
+        nearest = min(bucket.verify_step, key=lambda measured: (abs(measured - k), -measured))
+        return self.expected_tokens(k) / (k * bucket.draft_forward + bucket.verify_step[nearest])
 
     def observe_step(self, batch_size: int, k: int, draft_seconds: float, step_seconds: float) -> None:
         """A decode step of ``batch_size`` requests that drafted ``k`` tokens each (0: plain):
@@ -94,7 +98,7 @@ class AdaptivePolicy:
             bucket.num_spec += 1
             if bucket.num_spec > WARM_UP:
                 bucket.draft_forward = _ema(bucket.draft_forward, draft_seconds / k)
-                bucket.verify_per_draft = _ema(bucket.verify_per_draft, max(step_seconds - bucket.plain_step, 0.0) / k)
+                bucket.verify_step[k] = _ema(bucket.verify_step.get(k), step_seconds)
 
     def observe_acceptance(self, reached: list[int], accepted: list[int]) -> None:
         """Per draft position j in one step: how many requests had a draft there with every earlier one

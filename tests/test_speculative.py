@@ -255,7 +255,7 @@ def test_residual_is_the_normalised_excess_of_p_over_q():
 def test_policy_picks_the_k_with_most_tokens_per_second():
     policy = AdaptivePolicy(max_k=4)
     bucket = _Bucket()
-    bucket.plain_step, bucket.draft_forward, bucket.verify_per_draft = 10.0, 1.0, 0.5
+    bucket.plain_step, bucket.draft_forward, bucket.verify_step = 10.0, 1.0, {4: 12.0}
     policy.acceptance = [0.9] * 4
     assert max(range(5), key=lambda k: policy.tokens_per_second(bucket, k)) == 4
     policy.acceptance = [0.05] * 4
