@@ -56,10 +56,16 @@ def run(llm: LLM, prompts, params: SamplingParams, repeats: int, reference: list
     drafted, accepted = spec.draft_tokens - before.draft_tokens, spec.accepted_tokens - before.accepted_tokens
     drafts = spec.num_drafts - before.num_drafts
     tokens = sum(len(o.token_ids) for o in outputs)
+    policy = llm.engine.speculator.policy
+    measured = {} if policy is None else {  # the adaptive policy's cost estimates per batch-size bucket
+        f"batch<{2 ** bits}": {"plain": b.plain_step and 1000 * b.plain_step,
+                               "draft_forward": b.draft_forward and 1000 * b.draft_forward,
+                               "verify": {k: 1000 * v for k, v in b.verify_step.items()}}
+        for bits, b in policy.buckets.items()}
     return {"tokens_per_s": round(tokens / seconds, 1), "seconds": round(seconds, 2), "tokens": tokens,
             "acceptance": round(accepted / drafted, 3) if drafted else None,
             "mean_accepted_length": round(1 + accepted / drafts, 2) if drafts else None,
-            "switches": spec.switches,
+            "switches": spec.switches, "measured_ms": measured,
             "same_tokens_as_plain": None if reference is None else [o.token_ids for o in outputs] == [r.token_ids for r in reference]}
 
 

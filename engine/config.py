@@ -83,7 +83,10 @@ class EngineConfig:
     load_format: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
-    kv_cache_memory: int | str = "2GiB"
+    # KV cache size; None: 2GiB on CPU, and on CUDA whatever gpu_memory_utilization leaves after the
+    # weights and the largest step's activations (engine.gpu_memory).
+    kv_cache_memory: int | str | None = None
+    gpu_memory_utilization: float = 0.9  # the share of the GPU's memory this engine may take
     max_num_seqs: int = 64
     # Tokens per step (decodes plus prefill chunks); None: 128 on CPU, 2048 on GPU. On CPU each
     # prefill token adds ~1.8 ms to a step, so a bigger budget stalls every running stream: with 16
@@ -95,6 +98,8 @@ class EngineConfig:
     # torch.compile the decode step: fuses the small per-layer ops (norms, RoPE, SwiGLU), which on CPU
     # cut bench-135m's decode step from ~44 to ~28 ms, for a one-off compile of a minute or two at start.
     compile: bool = False
+    # CUDA graphs off: every step launches its kernels from Python (debugging, or to compare).
+    enforce_eager: bool = False
     # Append the tokens a grammar forces (e.g. the next JSON key) without sampling them one step each.
     enable_jump_forward: bool = True
     speculative: SpeculativeConfig | None = None
@@ -106,8 +111,11 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        self.kv_cache_bytes = parse_memory(self.kv_cache_memory)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self.torch_device = resolve_device(self.device)
+        planned = self.kv_cache_memory is None and self.torch_device.type == "cuda"
+        self.kv_cache_bytes = None if planned else parse_memory(self.kv_cache_memory or "2GiB")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 2048 if self.torch_device.type == "cuda" else 128
         if self.max_num_batched_tokens < 1:

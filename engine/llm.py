@@ -12,21 +12,13 @@ from engine.request import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto", device: str = "auto",
-                 load_format: str = "auto", max_model_len: int | None = None, kv_cache_memory: int | str = "2GiB",
-                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 seed: int = 0, block_size: int = 16, attention_backend: str = "auto", compile: bool = False,
-                 enable_jump_forward: bool = True, speculative_config: SpeculativeConfig | dict | None = None):
-        """``speculative_config``: e.g. ``{"method": "draft", "draft_model": PATH, "num_speculative_tokens": 4}``
+    def __init__(self, model: str, speculative_config: SpeculativeConfig | dict | None = None, **engine_args):
+        """``engine_args``: any ``EngineConfig`` field (dtype, max_num_seqs, kv_cache_memory, ...).
+        ``speculative_config``: e.g. ``{"method": "draft", "draft_model": PATH, "num_speculative_tokens": 4}``
         or ``{"method": "ngram"}`` (see ``SpeculativeConfig``)."""
         if isinstance(speculative_config, dict):
             speculative_config = SpeculativeConfig(**speculative_config)
-        self.engine = LLMEngine(EngineConfig(
-            model=model, tokenizer=tokenizer, dtype=dtype, device=device, load_format=load_format,
-            max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            seed=seed, block_size=block_size, attention_backend=attention_backend, compile=compile,
-            enable_jump_forward=enable_jump_forward, speculative=speculative_config))
+        self.engine = LLMEngine(EngineConfig(model=model, speculative=speculative_config, **engine_args))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

@@ -13,6 +13,7 @@ import torch
 from transformers import GenerationConfig
 
 from engine.attention import get_backend
+from engine import gpu_memory
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager, kv_block_bytes
@@ -59,9 +60,15 @@ class LLMEngine:
         spec = config.speculative
         draft = spec is not None and spec.method == "draft"
         self.draft_config = load_draft_config(spec.draft_model, self.hf_config, self.tokenizer) if draft else None
+        self.draft_model = load_model(spec.draft_model, backend, config.torch_dtype, config.torch_device,
+                                      config.load_format, config.seed, self.draft_config) if draft else None
         dtype_bytes = torch.finfo(config.torch_dtype).bits // 8
         block_bytes = sum(kv_block_bytes(c, config.block_size, dtype_bytes) for c in (self.hf_config, self.draft_config) if c)
-        num_blocks = config.kv_cache_bytes // block_bytes
+        if config.kv_cache_bytes is None:
+            num_blocks = gpu_memory.plan_num_blocks(self._profile_memory(backend), config.gpu_memory_utilization,
+                                                    block_bytes)
+        else:
+            num_blocks = config.kv_cache_bytes // block_bytes
         capacity = num_blocks * config.block_size
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
         if self.max_model_len > self.hf_config.max_position_embeddings:
@@ -87,9 +94,37 @@ class LLMEngine:
         self.num_steps = 0
         if config.compile:
             self._warm_up_decode()
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d; dtype %s; device %s",
-                    num_blocks, config.block_size, capacity, self.max_model_len, config.torch_dtype,
-                    config.torch_device)
+        if backend.supports_cuda_graphs and not config.enforce_eager:
+            for runner in self.runners:
+                runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens at once (%.1f sequences of max_model_len %d); "
+                    "dtype %s; device %s", num_blocks, config.block_size, capacity, capacity / self.max_model_len,
+                    self.max_model_len, config.torch_dtype, config.torch_device)
+
+    def _profile_memory(self, backend) -> gpu_memory.MemoryProfile:
+        """Run the largest step the scheduler can produce (max_num_batched_tokens tokens over up to
+        max_num_seqs sequences, every one sampling) on each loaded model, with a KV cache just large
+        enough for it, and measure the GPU's memory (engine.gpu_memory)."""
+        config = self.config
+        tokens = config.max_num_batched_tokens
+        per_seq = min(-(-tokens // min(config.max_num_seqs, tokens)),
+                      config.max_model_len or self.hf_config.max_position_embeddings)
+        lengths = [min(per_seq, tokens - start) for start in range(0, tokens, per_seq)]
+        blocks_per_seq = -(-per_seq // config.block_size)
+        reqs = []
+        for i, n in enumerate(lengths):
+            reqs.append(Request(f"profile-{i}", [0] * n, SamplingParams(), set()))
+            reqs[-1].block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+        sched = SchedulerOutput([ScheduledRequest(req, len(req.token_ids)) for req in reqs])
+        runners = [ModelRunner(model, backend, len(reqs) * blocks_per_seq, config.block_size, config.torch_dtype,
+                               config.torch_device) for model in (self.model, self.draft_model) if model is not None]
+
+        def largest_step() -> None:
+            for runner in runners:
+                logits = runner.execute(sched).logits
+                torch.sort(torch.softmax(logits.float(), dim=-1), dim=-1)  # the sampler's top-p pass
+
+        return gpu_memory.profile(largest_step, config.torch_device)
 
     def _build_speculator(self, backend, num_blocks: int) -> Speculator:
         spec, config = self.config.speculative, self.config
@@ -99,9 +134,7 @@ class LLMEngine:
             if self.draft_config.max_position_embeddings < self.max_model_len:
                 raise ValueError(f"draft model: max_position_embeddings {self.draft_config.max_position_embeddings} is "
                                  f"below max_model_len {self.max_model_len}")
-            draft = load_model(spec.draft_model, backend, config.torch_dtype, config.torch_device,
-                               config.load_format, config.seed, self.draft_config)
-            runner = ModelRunner(draft, backend, num_blocks, config.block_size, config.torch_dtype,
+            runner = ModelRunner(self.draft_model, backend, num_blocks, config.block_size, config.torch_dtype,
                                  config.torch_device, compile_decode=config.compile)
             proposer = DraftModelProposer(runner, self.sampler, lambda: self.structured)
         logger.info("speculative decoding: %s, up to %d tokens per step%s", spec.method, spec.num_speculative_tokens,

@@ -9,7 +9,9 @@ bucket (decode is memory-bound at small batches and compute-bound at large ones,
 changes with the batch) and of the acceptance rates, and picks the k with the most tokens per
 second; k = 0 is plain decoding. A choice held for ``PROBE_EVERY`` steps in a row is challenged once
 by the other extreme, so costs and acceptance are re-measured and speculation comes back when it
-pays again; each probe that confirms the choice doubles the wait before the next.
+pays again; each probe that confirms the choice doubles the wait before the next. Turning speculation
+on or off must win by ``SWITCH_MARGIN``: where the two are close, one noisy step would otherwise flip
+the choice back and forth.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ PROBE_EVERY = 16  # steps a choice is held before the other extreme is tried; do
 MAX_PROBE_EVERY = 512
 WARM_UP = 1  # first measurements of each kind per bucket dropped (new shapes: one-off allocations)
 TRUSTED = 3  # measurements of each kind a bucket needs before it is trusted
+SWITCH_MARGIN = 0.1  # how much faster the other side (speculation on / off) must look to switch to it
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -38,7 +41,7 @@ class _Bucket:
         self.verify_step: dict[int, float] = {}  # k -> the target's step (forward, sampling, outputs) with k drafts
         self.num_plain = 0
         self.num_spec = 0
-        self.last_choice = 0
+        self.last_choice: int | None = None  # None: nothing chosen yet
         self.streak = 0
         self.probe_every = PROBE_EVERY
 
@@ -58,8 +61,13 @@ class AdaptivePolicy:
             return 0
         if bucket.num_spec < TRUSTED or self.acceptance[0] is None:
             return self.max_k
-        best = max(range(self.max_k + 1), key=lambda k: (self.tokens_per_second(bucket, k), -k))
-        if (best > 0) != (bucket.last_choice > 0):
+        rates = [self.tokens_per_second(bucket, k) for k in range(self.max_k + 1)]
+        best = max(range(self.max_k + 1), key=lambda k: (rates[k], -k))
+        if bucket.last_choice is not None and (best > 0) != (bucket.last_choice > 0):
+            held = max(range(1, self.max_k + 1), key=lambda k: (rates[k], -k)) if bucket.last_choice else 0
+            if rates[best] < rates[held] * (1 + SWITCH_MARGIN):
+                best = held
+        if (best > 0) != ((bucket.last_choice or 0) > 0):
             bucket.streak, bucket.probe_every = 0, PROBE_EVERY
         bucket.streak += 1
         bucket.last_choice = best

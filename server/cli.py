@@ -34,7 +34,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    p.add_argument("--kv-cache-memory", default="2GiB", help="KV cache budget, e.g. 2GiB, 512MiB")
+    p.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB, 512MiB (default: 2GiB on CPU; on "
+                   "CUDA what --gpu-memory-utilization leaves after the weights and activations)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory the engine may take (weights, activations, KV cache)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     p.add_argument("--max-num-batched-tokens", type=int,
                    help="tokens per engine step (default: 128 on CPU, 2048 on GPU)")
@@ -47,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (faster decode; a minute or two more at start)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: launch every decode step's kernels from Python")
     spec = p.add_argument_group("speculative decoding")
     spec.add_argument("--speculative-method", choices=["draft", "ngram"],
                       help="draft: a small model with the same tokenizer proposes (needs --draft-model); "
@@ -137,6 +142,7 @@ def serve(args: argparse.Namespace) -> None:
         engine = AsyncEngine(EngineConfig(
             model=model_path, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
             load_format=args.load_format, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+            gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, block_size=args.block_size,
             attention_backend=args.attention_backend, compile=args.compile,

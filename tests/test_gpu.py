@@ -1,8 +1,12 @@
 """The Triton attention backend compiled for CUDA: the interpreter tests' comparisons on the device
-(fp32 and bf16), long contexts against SDPA, the KV write, and the engine end to end.
+(fp32 and bf16), long contexts against SDPA, the KV write, the engine end to end, CUDA graphs
+against eager decoding, and the KV cache sized by gpu_memory_utilization.
 Run with ``pytest -m gpu`` on a machine with CUDA (``benchmarks/gpu_check.sh``)."""
 
 from __future__ import annotations
+
+import gc
+import logging
 
 import pytest
 import torch
@@ -133,3 +137,53 @@ def test_stories260k_greedy_on_cuda_reproduces_documented_text():
     reference = torch_llm.generate(prompt_token_ids=[[1]] + [llm.tokenizer.encode(p) for p in others],
                                    sampling_params=[greedy] + [SamplingParams(max_tokens=64, temperature=0)] * 3)
     assert [o.token_ids for o in batch] == [o.token_ids for o in reference]
+
+
+def stories_on_cuda(**engine_args) -> LLM:
+    return LLM(str(STORIES), dtype="float32", device="cuda", max_num_batched_tokens=64, attention_backend="triton",
+               **{"kv_cache_memory": "32MiB", **engine_args})
+
+
+def test_cuda_graphs_equal_eager_decoding():
+    """Decode steps replayed from graphs: batches shrinking from 5 to 1 over captured sizes 1, 2, 4, 5
+    while queued requests take finished ones' blocks, the tokens of eager decoding."""
+    prompts = [[1] + list(range(300, 300 + 3 * i)) for i in range(8)]
+    params = [SamplingParams(max_tokens=8 + 9 * (i % 4), temperature=0, ignore_eos=True) for i in range(8)]
+    outputs = {}
+    for eager in (True, False):
+        llm = stories_on_cuda(max_num_seqs=5, enforce_eager=eager)
+        outputs[eager] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    graphs = llm.engine.runner.graphs
+    assert sorted(graphs.graphs) == graphs.sizes == [1, 2, 4, 5] and graphs.replays > 20
+    assert outputs[True] == outputs[False]
+
+
+def test_cuda_graphs_with_a_draft_model_equal_plain_decoding():
+    """The draft model's single-token steps replay its own graphs; greedy output is unchanged."""
+    prompts = [[1], [1, 400, 401, 402]]
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    plain = [o.token_ids for o in stories_on_cuda().generate(prompt_token_ids=prompts, sampling_params=greedy)]
+    llm = stories_on_cuda(speculative_config=dict(method="draft", draft_model=str(STORIES), num_speculative_tokens=3,
+                                                  adaptive=False))
+    assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=greedy)] == plain
+    spec = llm.engine.stats().spec
+    assert llm.engine.runners[1].graphs.replays > 0 and spec.accepted_tokens == spec.draft_tokens > 0
+
+
+def test_gpu_memory_utilization_sizes_the_kv_cache(caplog):
+    """No kv_cache_memory on CUDA: the KV cache takes the share left after the profiled step, and
+    the log names the blocks and the tokens they hold; a share too small is a clear error."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
+    with caplog.at_level(logging.INFO):
+        llm = stories_on_cuda(kv_cache_memory=None, gpu_memory_utilization=0.05)
+    kv_bytes = sum(2 * k.numel() * k.element_size() for k, _ in llm.engine.runner.kv_caches)
+    assert 0.03 * total < kv_bytes <= 0.05 * total
+    assert f"KV cache: {llm.engine.kv.num_blocks} blocks of 16 tokens" in caplog.text
+    assert "GPU memory: 0.05 x" in caplog.text
+    assert llm.generate(prompt_token_ids=[[1]], sampling_params=SamplingParams(max_tokens=4))[0].token_ids
+    del llm
+    gc.collect()
+    with pytest.raises(ValueError, match="gpu_memory_utilization 1e-05 leaves no memory for the KV cache"):
+        stories_on_cuda(kv_cache_memory=None, gpu_memory_utilization=1e-5)

@@ -32,7 +32,7 @@ def run_positions(engine: LLMEngine, token_ids: list[int], num_computed: int, nu
     req.num_computed_tokens = num_computed
     assert engine.kv.allocate(req.block_table, num_computed + num_new)
     sched = SchedulerOutput([ScheduledRequest(req, num_new)])
-    input_ids, positions, meta, _ = engine.runner.prepare(sched)
+    input_ids, positions, meta = engine.runner.prepare(engine.runner.layout(sched))
     with torch.inference_mode():
         hidden = engine.model(input_ids, positions, engine.runner.kv_caches, meta)
         return engine.model.compute_logits(hidden)

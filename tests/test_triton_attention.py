@@ -16,6 +16,7 @@ import triton.language as tl  # noqa: E402  (an ImportError here is a failure, n
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import engine.attention.triton_kernels as triton_kernels  # noqa: E402
+import engine.cuda_graphs as cuda_graphs  # noqa: E402
 import engine.llm_engine  # noqa: E402
 from conftest import STORIES  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
@@ -176,20 +177,44 @@ def test_random_ragged_batches(seed):
           sliding_window=pick([None, None, 5, 33, 128]), seed=seed)
 
 
-@pytest.mark.parametrize("max_tokens", [4, pytest.param(40, marks=pytest.mark.slow)])
-def test_engine_greedy_with_triton_backend_equals_torch_backend(monkeypatch, max_tokens):
-    """The backend behind the real engine (stories260K: head_dim 8, 8 heads on 4 KV heads): a batch of
-    a BOS-only prompt, an 82-token prompt that the 64-token budget splits into chunks, and a short one
-    decodes the same tokens as the SDPA backend."""
+def triton_llm(monkeypatch, **engine_args) -> LLM:
+    """stories260K (head_dim 8, 8 heads on 4 KV heads) behind the Triton backend, interpreted."""
     real_get_backend = engine.llm_engine.get_backend
     monkeypatch.setattr(engine.llm_engine, "get_backend", lambda name, device: TritonBackend(decode_partition=64)
                         if name == "triton" else real_get_backend(name, device))
+    return LLM(str(STORIES), dtype="float32", kv_cache_memory="8MiB", max_num_batched_tokens=64, **engine_args)
+
+
+@pytest.mark.parametrize("max_tokens", [4, pytest.param(40, marks=pytest.mark.slow)])
+def test_engine_greedy_with_triton_backend_equals_torch_backend(monkeypatch, max_tokens):
+    """The backend behind the real engine: a batch of a BOS-only prompt, an 82-token prompt that the
+    64-token budget splits into chunks, and a short one decodes the same tokens as the SDPA backend,
+    with decode steps eager and through the CUDA graphs' static buffers."""
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     outputs = {}
-    for backend in ("triton", "torch"):
-        llm = LLM(str(STORIES), dtype="float32", kv_cache_memory="8MiB", max_num_batched_tokens=64,
-                  attention_backend=backend)
+    for backend, eager in (("triton", True), ("triton", False), ("torch", True)):
+        llm = triton_llm(monkeypatch, attention_backend=backend, enforce_eager=eager)
         prompts = [[1], llm.tokenizer.encode("Once upon a time, in a big forest, there lived a bear" * 4),
                    llm.tokenizer.encode("The cat")]
-        outputs[backend] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=greedy)]
-    assert outputs["triton"] == outputs["torch"]
+        outputs[backend, eager] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=greedy)]
+        graphs = llm.engine.runner.graphs
+        assert (graphs is None) == eager and (eager or graphs.replays > 0)
+    assert outputs["triton", True] == outputs["triton", False] == outputs["torch", True]
+
+
+def test_decode_graph_buffers_pad_and_reset_rows(monkeypatch):
+    """Decode batches of sizes 5 down to 1 over captured sizes 1, 2, 4, 5: each runs the next size
+    up, its extra rows padded. Requests finish at different lengths while queued ones take
+    their freed blocks, so a padding row that kept a finished request's slot would overwrite a live
+    request's KV. Small batches cut each context into several flash-decoding partitions, full ones
+    into one. Every request's tokens equal eager decoding's."""
+    assert [cuda_graphs.decode_splits(size, 4, cuda_graphs.INTERPRETER_SMS) for size in (1, 2, 4, 5)] == [4, 2, 1, 1]
+    prompts = [[1] + list(range(300, 300 + 3 * i)) for i in range(8)]
+    params = [SamplingParams(max_tokens=2 + 3 * (i % 4), temperature=0, ignore_eos=True) for i in range(8)]
+    outputs = {}
+    for eager in (True, False):
+        llm = triton_llm(monkeypatch, attention_backend="triton", enforce_eager=eager, max_num_seqs=5)
+        outputs[eager] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    graphs = llm.engine.runner.graphs
+    assert graphs.sizes == [1, 2, 4, 5] and graphs.replays > 10
+    assert outputs[True] == outputs[False]

@@ -1,9 +1,9 @@
 """Attention over the paged KV cache, behind one interface.
 
-A backend has ``build_metadata(...)`` (once per step, shared by every layer) and
-``forward(q, k_cache, v_cache, metadata)``. Before calling it, the layer has written the step's
-new keys and values into the cache with ``write_kv``; the backend then reads each sequence's whole
-context (cached prefix plus the new tokens) through its block table.
+A backend has ``build_metadata(...)`` (once per step, shared by every layer), ``write_kv`` and
+``forward(q, k_cache, v_cache, metadata)``. Before calling forward, the layer has written the step's
+new keys and values into the cache with the backend's ``write_kv``; the backend then reads each
+sequence's whole context (cached prefix plus the new tokens) through its block table.
 """
 
 from __future__ import annotations
@@ -36,6 +36,22 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     """Scatter new K/V rows ([num_tokens, kv_heads, head_dim]) into their cache slots."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+
+
+class AttentionBackend:
+    """What every backend provides; the model code sees only this."""
+
+    write_kv = staticmethod(write_kv)
+    # Decode steps can replay as CUDA graphs: the backend has static_decode_metadata() and its
+    # write_kv skips negative (padding) slots. The Triton backend does.
+    supports_cuda_graphs = False
+
+    def build_metadata(self, meta: AttentionMetadata) -> AttentionMetadata:
+        raise NotImplementedError
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError
 
 
 def context_slots(block_table: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:

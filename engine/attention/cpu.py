@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, visible
+from engine.attention import AttentionBackend, AttentionMetadata, visible
 
 
 @dataclass
@@ -75,7 +75,7 @@ class _SdpaPlan:
     prefills: list[_Prefill]
 
 
-class SdpaBackend:
+class SdpaBackend(AttentionBackend):
     def build_metadata(self, meta: AttentionMetadata) -> AttentionMetadata:
         device, bs = meta.slot_mapping.device, meta.block_size
         # CPUs without bf16/fp16 arithmetic run SDPA much faster in float32 (the upcast copies are small).

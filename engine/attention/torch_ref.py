@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata, context_slots, visible
+from engine.attention import AttentionBackend, AttentionMetadata, context_slots, visible
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor,
@@ -40,7 +40,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos
     return (acc / l[..., None]).reshape(n, num_heads, head_dim).to(q.dtype)
 
 
-class ReferenceBackend:
+class ReferenceBackend(AttentionBackend):
     """Runs ``flash_attention`` per sequence over K/V read through the block table."""
 
     def build_metadata(self, metadata: AttentionMetadata) -> AttentionMetadata:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionBackend, AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 
@@ -139,11 +139,12 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr, acc_p
                    stride_kb, stride_ks, stride_kh, stride_kd,
                    stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PARTITION: tl.constexpr,
-                   USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                    SINGLE_SPLIT: tl.constexpr):
     """Grid (decode rows, KV heads, partitions). The GROUP query heads of a KV head share the
-    program (padded to BLOCK_G >= 16 rows, the smallest tensor-core tile). Scratch layout:
+    program (padded to BLOCK_G >= 16 rows, the smallest tensor-core tile). Each row's context is cut
+    into num_splits equal partitions of whole key tiles, so the grid depends on the batch size and
+    num_splits only (a captured CUDA graph replays it for any context lengths). Scratch layout:
     m, l [rows, heads, splits]; acc [rows, heads, splits, HEAD_DIM]."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -159,8 +160,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr, acc_p
     q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     q_pos = tl.zeros([BLOCK_G], tl.int32) + (ctx - 1)
-    lo = split * PARTITION
-    key_end = tl.minimum(lo + PARTITION, ctx)
+    partition = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N  # the row's share, in whole key tiles
+    lo = split * partition
+    key_end = tl.minimum(lo + partition, ctx)
     if USE_WINDOW:  # skip the tiles that lie wholly before the window
         lo = tl.maximum(lo, tl.maximum(ctx - window, 0) // BLOCK_N * BLOCK_N)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -264,15 +266,17 @@ class TritonPlan:
     max_prefill_len: int
     decode_seqs: torch.Tensor | None  # int32 [b]: sequences with exactly one new token
     decode_tokens: torch.Tensor | None  # int32 [b]: their rows in the flat batch
-    num_splits: int  # flash-decoding partitions (of ``partition`` keys) for the longest decode context
+    num_splits: int  # flash-decoding partitions per decode row (each row's context cut into this many)
     scratch: dict = field(default_factory=dict)  # (heads, head_dim) -> (m, l, acc), reused by all layers
 
 
-class TritonBackend:
+class TritonBackend(AttentionBackend):
     """Paged flash attention in Triton: varlen prefill (cached prefix + causal chunk) and split-K decode.
 
-    ``decode_partition`` is the number of keys per flash-decoding partition (a multiple of
-    ``decode_block_n``); contexts no longer than one partition take the single-kernel path.
+    ``decode_partition`` (a multiple of ``decode_block_n``) sets the flash-decoding split count: the
+    longest decode context over ``decode_partition`` keys, rounded up; a step whose contexts all fit
+    in one partition takes the single-kernel path. (Captured CUDA graphs fix the count per batch
+    size instead: ``engine.cuda_graphs``.)
     """
 
     def __init__(self, prefill_block_m: int = 64, prefill_block_n: int = 64, decode_block_n: int = 64,
@@ -282,6 +286,9 @@ class TritonBackend:
         self.prefill_block_m, self.prefill_block_n = prefill_block_m, prefill_block_n
         self.decode_block_n, self.decode_partition = decode_block_n, decode_partition
         self.num_warps, self.num_stages = num_warps, num_stages
+
+    write_kv = staticmethod(write_kv)
+    supports_cuda_graphs = True
 
     def build_metadata(self, meta: AttentionMetadata) -> AttentionMetadata:
         """Once per step: int32 copies of the layout, the prefill and decode rows, the partition count."""
@@ -300,6 +307,17 @@ class TritonBackend:
             prefill_seqs=ints(prefill), max_prefill_len=max((num_new[i] for i in prefill), default=0),
             decode_seqs=ints(decode), decode_tokens=ints([meta.query_start[i] for i in decode]),
             num_splits=max(1, math.ceil(max_decode_ctx / self.decode_partition)))
+        return meta
+
+    def static_decode_metadata(self, meta: AttentionMetadata, context_lens: torch.Tensor,
+                               num_splits: int) -> AttentionMetadata:
+        """A pure-decode step over buffers the caller owns and refreshes in place between runs (what a
+        CUDA graph replays): ``meta.slot_mapping``, int32 ``meta.block_tables`` and int32
+        ``context_lens``, one row per sequence, every context cut into ``num_splits`` partitions."""
+        rows = torch.arange(len(context_lens) + 1, dtype=torch.int32, device=context_lens.device)
+        meta.backend_data = TritonPlan(query_start=rows, context_lens=context_lens, block_tables=meta.block_tables,
+                                       prefill_seqs=None, max_prefill_len=0, decode_seqs=rows[:-1],
+                                       decode_tokens=rows[:-1], num_splits=num_splits)
         return meta
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -338,7 +356,7 @@ class TritonBackend:
                 q, k_cache, v_cache, out, m, l, acc, plan.block_tables, plan.context_lens, plan.decode_seqs,
                 plan.decode_tokens, scale_log2, window, splits, *strides,
                 BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=self.decode_block_n,
-                PARTITION=self.decode_partition, SINGLE_SPLIT=splits == 1, **common)
+                SINGLE_SPLIT=splits == 1, **common)
             if splits > 1:
                 _decode_reduce_kernel[(rows, num_heads)](
                     out, m, l, acc, plan.decode_tokens, splits, *out.stride(), HEAD_DIM=head_dim,

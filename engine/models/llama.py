@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.attention import AttentionMetadata, write_kv
+from engine.attention import AttentionMetadata
 from engine.config import head_dim
 
 # HF name fragment -> (our fused parameter, index of the shard inside it)
@@ -117,7 +117,7 @@ class Attention(nn.Module):
         qk = apply_rope(qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim), rope)  # q and k in one go
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        self.backend.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = self.backend.forward(q, kv_cache[0], kv_cache[1], meta)
         return self.o_proj(out.reshape(n, self.q_size))
 
