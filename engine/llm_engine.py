@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 
 import torch
@@ -85,6 +86,7 @@ class LLMEngine:
                                   config.torch_device, compile_decode=config.compile)
         self.sampler = Sampler(config.seed)
         self._structured: StructuredOutputs | None = None
+        self._structured_lock = threading.Lock()
         self.speculator = self._build_speculator(backend, num_blocks) if spec else None
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -165,9 +167,11 @@ class LLMEngine:
 
     @property
     def structured(self) -> StructuredOutputs:
-        """Built on first use: xgrammar's tokenizer info takes a moment for a large vocabulary."""
-        if self._structured is None:
-            self._structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        """Built on first use: xgrammar's tokenizer info takes a moment for a large vocabulary. The
+        server's worker threads (grammar compiles, logprob bytes) may ask at the same time as the step."""
+        with self._structured_lock:
+            if self._structured is None:
+                self._structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
         return self._structured
 
     # --- requests -------------------------------------------------------------------------

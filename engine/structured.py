@@ -59,7 +59,8 @@ class StructuredOutputs:
         # xgrammar's schema grammars admit raw control characters inside strings (xgrammar issue #286),
         # which strict JSON parsers reject; with fixed separators no JSON token needs one, so JSON
         # requests also get every token containing a byte below 0x20 masked out.
-        no_control = torch.tensor([all(b >= 0x20 for b in token) for token in info.decoded_vocab])
+        self.token_bytes: list[bytes] = info.decoded_vocab  # each token's raw bytes (a byte token's: a partial character)
+        no_control = torch.tensor([all(b >= 0x20 for b in token) for token in self.token_bytes])
         self.json_allowed = pack_bitmask(no_control)
         not_stop = torch.ones(vocab_size, dtype=torch.bool)
         not_stop[sorted(i for i in info.stop_token_ids if i < vocab_size)] = False

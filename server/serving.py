@@ -65,6 +65,10 @@ class ServerState:
         # A marker that is a special token (mistral's [TOOL_CALLS]) must survive detokenization.
         self.tool_marker_is_special = self.tool_syntax.marker in self.tokenizer.all_special_tokens
 
+    async def token_bytes(self) -> list[bytes]:
+        """Every token's raw bytes, from xgrammar's tokenizer info (built once, off the event loop)."""
+        return (await asyncio.to_thread(lambda: self.engine.engine.structured)).token_bytes
+
     @property
     def model_name(self) -> str:
         return self.settings.served_model_names[0]

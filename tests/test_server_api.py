@@ -197,6 +197,21 @@ def test_chat_logprobs_streamed_and_not(client, llm):
     assert [c.token for c in streamed] == [c.token for c in content]
 
 
+def test_chat_logprobs_of_partial_characters_carry_their_real_bytes(client, llm):
+    """Byte tokens (one byte of a 4-byte emoji each, forced by logit_bias) are not text on their own:
+    ``bytes`` holds the token's real byte and ``token`` the byte escaped, as OpenAI returns them."""
+    byte_ids = {0xF0: llm.tokenizer.convert_tokens_to_ids("ð"), 0x9F: llm.tokenizer.convert_tokens_to_ids("Ł")}
+    response = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, logprobs=True, top_logprobs=2,
+                                              logit_bias={str(i): 100 for i in byte_ids.values()})
+    content = response.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.bytes) == 1 and entry.bytes[0] in byte_ids
+        assert entry.token == f"\\x{entry.bytes[0]:x}"
+        assert len(entry.top_logprobs) == 2  # the raw distribution's top (logit_bias not applied)
+        assert all(bytes(t.bytes).decode("utf-8", "backslashreplace") == t.token for t in entry.top_logprobs)
+
+
 def test_best_of_returns_the_most_likely(client):
     kwargs = dict(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=1.0, seed=21)
     candidates = client.completions.create(n=4, logprobs=0, **kwargs).choices

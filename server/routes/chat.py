@@ -30,10 +30,12 @@ from server.tool_calls import ParserDelta, ToolCallParser, ToolRequest, finish_r
 router = APIRouter()
 
 
-def chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[TokenLogprob]) -> ChatLogprobs:
+def chat_logprobs(token_bytes: list[bytes], token_ids: list[int], logprobs: list[TokenLogprob]) -> ChatLogprobs:
+    """Each token with its raw bytes; a token that is part of a character (a byte of an emoji) gets
+    its bytes escaped in ``token`` ("\\xf0"), as OpenAI does, and its real bytes in ``bytes``."""
     def entry(token_id: int, logprob: float) -> TopLogprob:
-        text = state.token_text(token_id)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+        raw = token_bytes[token_id]
+        return TopLogprob(token=raw.decode("utf-8", errors="backslashreplace"), logprob=logprob, bytes=list(raw))
 
     content = []
     for token_id, lp in zip(token_ids, logprobs):
@@ -101,6 +103,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         renames, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         seed=None if body.seed is None else body.seed + i, structured_output=structured,
         skip_special_tokens=False if keep_marker else body.skip_special_tokens)) for i in range(body.n)]
+    token_bytes = await state.token_bytes() if body.logprobs else []
     gen = await Generation.create(state, "chatcmpl", choices, renames, grammar_field)
 
     if body.stream:
@@ -118,7 +121,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 return None
             delta = ChatDelta(role="assistant" if first else None, content=content or ("" if first else None),
                               tool_calls=calls)
-            logprobs = chat_logprobs(state, out.new_token_ids, out.new_logprobs) if out.new_logprobs else None
+            logprobs = chat_logprobs(token_bytes, out.new_token_ids, out.new_logprobs) if out.new_logprobs else None
             return ChatCompletionChunk(id=gen.id, created=gen.created, model=state.model_name, choices=[
                 ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs,
                                 finish_reason=reason, stop_reason=out.stop_reason)])
@@ -132,6 +135,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     messages = [_message(state, r, tools) for r in results]
     response = ChatCompletionResponse(id=gen.id, created=gen.created, model=state.model_name, usage=gen.usage(), choices=[
         ChatChoice(index=r.choice.index, message=message, finish_reason=reason, stop_reason=r.stop_reason,
-                   logprobs=chat_logprobs(state, r.token_ids, r.logprobs) if body.logprobs else None)
+                   logprobs=chat_logprobs(token_bytes, r.token_ids, r.logprobs) if body.logprobs else None)
         for r, (message, reason) in zip(results, messages)])
     return Response(response.model_dump_json(), media_type="application/json")
