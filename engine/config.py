@@ -103,6 +103,9 @@ class EngineConfig:
     # Append the tokens a grammar forces (e.g. the next JSON key) without sampling them one step each.
     enable_jump_forward: bool = True
     speculative: SpeculativeConfig | None = None
+    # Default sampling parameters: "auto" from the model's generation_config.json (as vLLM), "vllm"
+    # none (SamplingParams' own defaults), or another folder's generation_config.json.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy", "safetensors"):

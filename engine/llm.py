@@ -32,7 +32,7 @@ class LLM:
             prompts = [prompts]
         texts: list[str | None] = list(prompts) if prompts is not None else [None] * len(prompt_token_ids)
         token_ids = [self.tokenizer.encode(p) for p in prompts] if prompts is not None else [list(p) for p in prompt_token_ids]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or SamplingParams(**self.engine.default_sampling)  # the model's recommendation
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(token_ids)
         if len(params_list) != len(token_ids):
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(token_ids)} prompts")

@@ -47,6 +47,20 @@ def eos_token_ids(model_path: str, tokenizer, hf_config) -> set[int]:
     return set(ids) if isinstance(ids, (list, tuple)) else {ids}
 
 
+# The generation_config.json fields that become default sampling parameters (vLLM's --generation-config auto).
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(source: str) -> dict:
+    """What the model's creator recommends: the sampling fields its generation_config.json sets
+    (``source``: the model folder or another one; a missing file recommends nothing)."""
+    try:
+        given = GenerationConfig.from_pretrained(source).to_diff_dict()  # only what the file sets
+    except OSError:
+        return {}
+    return {name: given[name] for name in SAMPLING_DEFAULTS if given.get(name) is not None}
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -54,6 +68,12 @@ class LLMEngine:
         self.hf_config = load_config(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.eos_token_ids = eos_token_ids(config.model, self.tokenizer, self.hf_config)
+        self.default_sampling = {} if config.generation_config == "vllm" else sampling_defaults(
+            config.model if config.generation_config == "auto" else config.generation_config)
+        if self.default_sampling:
+            SamplingParams(**self.default_sampling)  # a bad file is a startup error, not every request's
+            logger.info("default sampling parameters from generation_config.json: %s (requests override them; "
+                        "--generation-config vllm ignores the file)", self.default_sampling)
         self.vocab_size = self.hf_config.vocab_size
         backend = get_backend(config.attention_backend, config.torch_device)
         self.model = load_model(config.model, backend, config.torch_dtype, config.torch_device,

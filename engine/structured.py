@@ -11,6 +11,7 @@ draft positions are masked by advancing the matcher over the drafts and rolling 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from engine.errors import InvalidRequestError
 
 
 JUMP_CONTEXT_TOKENS = 4
+SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")  # the UTF-8 form of U+D800..U+DFFF, which UTF-8 forbids
 
 
 @dataclass
@@ -62,6 +64,13 @@ class StructuredOutputs:
         self.token_bytes: list[bytes] = info.decoded_vocab  # each token's raw bytes (a byte token's: a partial character)
         no_control = torch.tensor([all(b >= 0x20 for b in token) for token in self.token_bytes])
         self.json_allowed = pack_bitmask(no_control)
+        # xgrammar admits UTF-16 surrogates encoded as UTF-8 (ED A0..BF ..), which are not UTF-8:
+        # decoded they become U+FFFD, breaking the text and a string's maxLength. Every constrained
+        # row loses the tokens that hold one, and, right after a token that ends in the lead byte ED,
+        # the tokens that start with A0..BF.
+        self.no_surrogate = pack_bitmask(torch.tensor([SURROGATE.search(t) is None for t in self.token_bytes]))
+        self.ends_with_ed = [t.endswith(b"\xed") for t in self.token_bytes]
+        self.no_surrogate_tail = pack_bitmask(torch.tensor([not (t and 0xA0 <= t[0] <= 0xBF) for t in self.token_bytes]))
         not_stop = torch.ones(vocab_size, dtype=torch.bool)
         not_stop[sorted(i for i in info.stop_token_ids if i < vocab_size)] = False
         self.not_stop = pack_bitmask(not_stop)
@@ -133,6 +142,10 @@ class StructuredOutputs:
                 advanced = 0
                 for j in range(count):
                     req.matcher.fill_next_token_bitmask(mask, row + j)
+                    mask[row + j] &= self.no_surrogate
+                    previous = d[j - 1] if j else req.token_ids[-1]
+                    if previous < len(self.ends_with_ed) and self.ends_with_ed[previous]:
+                        mask[row + j] &= self.no_surrogate_tail
                     if req.params.structured_output.kind in ("json_schema", "json_object"):
                         mask[row + j] &= self.json_allowed
                     rows.append(row + j)

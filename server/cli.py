@@ -48,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch", "reference"],
                    help="auto: Triton kernels on CUDA, SDPA on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generation-config", default="auto",
+                   help="default sampling parameters (temperature, top_p, top_k, min_p, repetition_penalty) for "
+                        "fields a request leaves out: auto = the model's generation_config.json, vllm = none, "
+                        "or a folder holding a generation_config.json")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (faster decode; a minute or two more at start)")
     p.add_argument("--enforce-eager", action="store_true",
@@ -143,6 +147,7 @@ def serve(args: argparse.Namespace) -> None:
             model=model_path, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
             load_format=args.load_format, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+            generation_config=args.generation_config,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, block_size=args.block_size,
             attention_backend=args.attention_backend, compile=args.compile,

@@ -101,9 +101,11 @@ class SamplingRequest(Request):
         except (ValueError, TypeError) as exc:
             raise APIError(400, f"{field}: {exc}", field) from None
 
-    def sampling_params(self, renames: dict[str, str] | None = None, **fields: Any) -> SamplingParams:
+    def sampling_params(self, defaults: dict[str, Any], renames: dict[str, str] | None = None,
+                        **fields: Any) -> SamplingParams:
         """SamplingParams from the shared fields plus the API-specific ``fields``; ``None`` means
-        "not sent", so the engine's default applies. A bad value is a 400 naming the field sent."""
+        "not sent", so ``defaults`` (the model's generation config) or else SamplingParams' own
+        apply. A bad value is a 400 naming the field sent."""
         try:
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError:
@@ -117,7 +119,7 @@ class SamplingRequest(Request):
                      structured_output=self.structured_output()[0])
         given.update(fields)
         try:
-            return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+            return SamplingParams(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
         except ValueError as exc:
             raise bad_request(exc, renames) from None
 

@@ -54,6 +54,7 @@ class ServerState:
         self.settings = settings
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
+        self.default_sampling = engine.engine.default_sampling  # for the sampling fields a request leaves out
         # Sequences the engine can run at once plus the bounded queue behind them.
         self.capacity = engine.engine.config.max_num_seqs + settings.max_waiting_requests
         self.num_sequences = 0  # admitted engine requests not yet finished

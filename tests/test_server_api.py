@@ -212,6 +212,34 @@ def test_chat_logprobs_of_partial_characters_carry_their_real_bytes(client, llm)
         assert all(bytes(t.bytes).decode("utf-8", "backslashreplace") == t.token for t in entry.top_logprobs)
 
 
+def test_model_generation_config_fills_the_sampling_fields_a_request_leaves_out(client, llm):
+    """Qwen2.5's generation_config.json recommends temperature 0.7, top_k 20, top_p 0.8 and
+    repetition_penalty 1.1 (vLLM's --generation-config auto): a request that sends none of them is
+    sampled with them; one that sends them all is not."""
+    assert llm.engine.default_sampling == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
+    ids = [llm.tokenizer.encode(PROMPTS[0])]
+    recommended = llm.generate(prompt_token_ids=ids, sampling_params=SamplingParams(max_tokens=12, seed=7,
+                                                                                    **llm.engine.default_sampling))[0]
+    plain = llm.generate(prompt_token_ids=ids, sampling_params=SamplingParams(max_tokens=12, seed=7))[0]
+    assert recommended.token_ids != plain.token_ids
+    served = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, seed=7)
+    assert served.choices[0].text == recommended.text
+    overridden = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, seed=7, temperature=1.0,
+                                           top_p=1.0, extra_body={"top_k": -1, "repetition_penalty": 1.0})
+    assert overridden.choices[0].text == plain.text
+
+
+def test_generation_config_vllm_or_another_folder(model, tmp_path):
+    """'vllm' recommends nothing; a folder's generation_config.json recommends what it sets, and
+    LLM.generate without sampling parameters uses it (here temperature 0: greedy)."""
+    assert LLM(str(model), kv_cache_memory="16MiB", generation_config="vllm").engine.default_sampling == {}
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.0, "max_new_tokens": 5}')
+    llm = LLM(str(model), kv_cache_memory="16MiB", generation_config=str(tmp_path))
+    assert llm.engine.default_sampling == {"temperature": 0.0}
+    ids = [llm.tokenizer.encode(PROMPTS[1])]
+    assert llm.generate(prompt_token_ids=ids)[0].token_ids == greedy(llm, ids, 16)[0].token_ids
+
+
 def test_best_of_returns_the_most_likely(client):
     kwargs = dict(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=1.0, seed=21)
     candidates = client.completions.create(n=4, logprobs=0, **kwargs).choices

@@ -46,8 +46,10 @@ MESSAGES = [{"role": "user", "content": "Use a tool."}]
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
+    # Plain temperature-1 sampling (not the Qwen generation config's top_k 20 / top_p 0.8): the logit
+    # bias below is sized for the whole distribution of the random model.
     with running_server(tiny_model("qwen2"), "--kv-cache-memory", "128MiB", "--served-model-name", "tiny",
-                        "--max-n", "32") as srv:
+                        "--max-n", "32", "--generation-config", "vllm") as srv:
         yield srv
 
 

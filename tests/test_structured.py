@@ -88,6 +88,23 @@ def max_blank_run_outside_strings(text: str) -> int:
     return longest
 
 
+def test_strings_never_hold_utf16_surrogates(llm):
+    """xgrammar admits ED A0..BF (a surrogate, which UTF-8 forbids) inside JSON strings and free-form
+    grammars. With byte tokens ED and A0 pushed up by logit_bias, the output would be full of them;
+    the mask keeps every constrained output valid UTF-8, whatever token splits the bytes."""
+    byte_token = {b: llm.tokenizer.convert_tokens_to_ids(c) for b, c in ((0xED, "í"), (0xA0, "ł"))}
+    bias = {token: 30.0 for token in byte_token.values()}
+    for spec in (Structured(json_schema={"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}),
+                 Structured(regex="[^a-z]{1,40}")):
+        outputs = llm.generate(["Reply."] * 4, [SamplingParams(max_tokens=40, temperature=1.0, seed=i, logit_bias=bias,
+                                                               structured_output=spec) for i in range(4)])
+        raw = [b"".join(llm.engine.structured.token_bytes[t] for t in o.token_ids) for o in outputs]
+        assert sum(r.count(b"\xed") for r in raw) >= 10  # the bias took hold: many 3-byte characters open with ED
+        for r, o in zip(raw, outputs):
+            assert re.search(rb"\xed[\xa0-\xbf]", r) is None, r
+            assert "\ufffd" not in o.text
+
+
 def test_whitespace_between_tokens_is_bounded(llm):
     many_optional = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(12)}}
     for out in sample(llm, Structured(json_schema=many_optional), n=30, max_tokens=80) + \

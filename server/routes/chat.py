@@ -100,7 +100,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     max_tokens = sent if sent is not None else max(1, state.max_model_len - len(prompt_ids))  # up to the context
     renames = {"prompt": "messages", "max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
     choices = [Choice(i, 0, prompt_ids, body.sampling_params(
-        renames, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        state.default_sampling, renames, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         seed=None if body.seed is None else body.seed + i, structured_output=structured,
         skip_special_tokens=False if keep_marker else body.skip_special_tokens)) for i in range(body.n)]
     token_bytes = await state.token_bytes() if body.logprobs else []

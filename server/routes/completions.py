@@ -81,7 +81,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     choices = []
     for p, (_, ids) in enumerate(prompts):
         for i in range(best_of):
-            params = body.sampling_params(max_tokens=body.max_tokens, logprobs=logprobs,
+            params = body.sampling_params(state.default_sampling, max_tokens=body.max_tokens, logprobs=logprobs,
                                           prompt_logprobs=body.logprobs if body.echo else None,
                                           seed=None if body.seed is None else body.seed + i)
             choices.append(Choice(p * best_of + i, p, ids, params))
