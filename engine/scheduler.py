@@ -62,6 +62,8 @@ class Scheduler:
             req = self.waiting[0]
             # Prompt logprobs need every prompt position computed, so such requests skip the cache.
             cached = [] if req.prompt_logprobs is not None else self.kv.find_cached_prefix(req.token_ids)
+            if self._prefix_in_flight(req, len(cached)):
+                break
             num_computed = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_computed, budget)
             lookahead = self._allocate(req, num_computed + num_new,
@@ -80,6 +82,19 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, num_new, lookahead))
             budget -= num_new + lookahead
         return out
+
+    def _prefix_in_flight(self, req: Request, num_cached_blocks: int) -> bool:
+        """Is a running request about to compute the next block of this one's prompt (the same
+        tokens so far)? Then this one waits at the head of the queue and takes it from the cache
+        afterwards: the n samples of one prompt (n > 1, best_of) prefill it once, not n times."""
+        if not self.kv.enable_prefix_caching or req.prompt_logprobs is not None:
+            return False
+        end = (num_cached_blocks + 1) * self.kv.block_size  # the next block; a hit never covers the last token
+        if end >= req.num_tokens:
+            return False
+        prefix = req.token_ids[:end]
+        return any(other.num_computed_tokens < end <= other.num_tokens and other.token_ids[:end] == prefix
+                   for other in self.running)
 
     @staticmethod
     def _lookahead(req: Request, num_computed: int, num_new: int, budget: int, wanted: int) -> int:

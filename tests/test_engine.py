@@ -52,6 +52,24 @@ def test_prefix_cache_hit_reports_cached_tokens_and_same_tokens(stories):
     assert reference[1].num_cached_tokens == 0
 
 
+def test_samples_of_one_prompt_prefill_it_once():
+    """Four requests for one 100-token prompt added together (what n=4 makes), a budget that would
+    admit them all in the first step: the first prefills the prompt; the others wait at the head of
+    the queue until its six full blocks are cached, then take them from the cache. The tokens equal
+    those of an engine without prefix caching, which prefills the prompt four times."""
+    prompt = [1] + list(range(300, 399))
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    outputs, hits = {}, {}
+    for caching in (True, False):
+        llm = LLM(str(STORIES), dtype="float32", kv_cache_memory="32MiB", max_num_batched_tokens=512,
+                  enable_prefix_caching=caching)
+        outputs[caching] = llm.generate(prompt_token_ids=[prompt] * 4 + [[1, 500, 501]], sampling_params=greedy)
+        hits[caching] = llm.engine.kv.prefix_hits
+    assert hits == {True: 3 * 96, False: 0}
+    assert [o.num_cached_tokens for o in outputs[True]] == [0, 96, 96, 96, 0]
+    assert [o.token_ids for o in outputs[True]] == [o.token_ids for o in outputs[False]]
+
+
 def test_stop_strings_are_cut_and_stop_tokens_reported(stories):
     expected = documented_stories_text()
     out = stories.generate(prompt_token_ids=[[1]], sampling_params=SamplingParams(max_tokens=256, temperature=0, stop=["red ball", "zzz"]))[0]
