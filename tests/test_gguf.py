@@ -89,9 +89,13 @@ def test_perplexity_equals_transformers(llm, hf_model):
     assert ours < 30  # English prose, read by a working model
 
 
-def write_gguf(path, arch: str, tensors: dict[str, tuple[np.ndarray, Q]]) -> str:
-    """A GGUF file with just an architecture and these tensors (already in their stored form)."""
+def write_gguf(path, arch: str, tensors: dict[str, tuple[np.ndarray, Q]], metadata: dict | None = None) -> str:
+    """A GGUF file with an architecture, these tensors (already in their stored form) and metadata
+    (key -> str, int or float)."""
     writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (metadata or {}).items():
+        add = {str: writer.add_string, int: writer.add_uint32, float: writer.add_float32}[type(value)]
+        add(key, value)
     for name, (data, qtype) in tensors.items():
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -178,13 +182,62 @@ UNSUPPORTED = {  # case -> (architecture, tensors, the error)
                      "GGUF architecture 'frobnicator' is not supported; supported: llama, mistral, qwen2"),
     "quantization": ("llama", {"token_embd.weight": IQ2_XXS_ROWS}, "GGUF tensor type.* IQ2_XXS not supported"),
     "tensor": ("llama", {"blk.0.ffn_gate_exps.weight": f32(4, 32)}, "'blk.0.ffn_gate_exps.weight' has no counterpart"),
-    "scaled rope": ("llama", {"rope_freqs.weight": f32(16)}, "scaled RoPE"),
+    "rope scaling metadata": ("llama", {"token_embd.weight": f32(4, 32)}, "rope.scaling metadata", {"llama.rope.scaling.type": "yarn"}),
     "metadata": ("llama", {"token_embd.weight": f32(4, 32)}, "GGUF metadata lacks llama.context_length"),
 }
 
 
 @pytest.mark.parametrize("case", UNSUPPORTED)
 def test_unsupported_file_is_a_clear_error(case, tmp_path):
-    arch, tensors, message = UNSUPPORTED[case]
+    arch, tensors, message, *metadata = UNSUPPORTED[case]
     with pytest.raises(ValueError, match=message):
-        LLM(write_gguf(tmp_path / "bad.gguf", arch, tensors))
+        LLM(write_gguf(tmp_path / "bad.gguf", arch, tensors, *metadata))
+
+
+def llama_cpp_rope_factors(inv_freq: torch.Tensor, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py writes as rope_freqs for a Llama 3.1+ checkpoint."""
+    factors = []
+    for freq in inv_freq.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            factors.append(1.0)
+        elif wavelen > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
+
+
+def test_llama31_rope_freqs_give_transformers_llama3_rope(tmp_path):
+    """A Llama 3.1+ GGUF carries its RoPE scaling as per-frequency factors (rope_freqs); the config
+    keeps them and the rotary tables equal transformers' own llama3 scaling for the same model."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from engine.models.gguf import load_gguf_config
+    from engine.models.llama import RotaryEmbedding
+
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=500000.0,
+                     max_position_embeddings=1024, rope_scaling={"rope_type": "llama3", **scaling})
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float) / 16)
+    factors = llama_cpp_rope_factors(inv_freq, *scaling.values())
+    assert 1.0 in factors and 8.0 in factors and ((factors > 1) & (factors < 8)).any()  # all three bands
+    metadata = {"llama.context_length": 1024, "llama.block_count": 1, "llama.embedding_length": 64,
+                "llama.feed_forward_length": 128, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+                "llama.attention.key_length": 16, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+                "llama.rope.freq_base": 500000.0, "llama.vocab_size": 32}
+    path = write_gguf(tmp_path / "llama31.gguf", "llama", {"rope_freqs.weight": (factors, Q.F32),
+                                                            "token_embd.weight": f32(32, 64)}, metadata)
+    config = load_gguf_config(path)
+    assert config.rope_freq_factors == pytest.approx(factors.tolist())
+    assert [name for name, _ in iter_gguf_weights(path, config, progress=False)] == ["model.embed_tokens.weight"]
+
+    positions = torch.arange(1024)
+    ours = RotaryEmbedding(config, 16, 1024)(positions)
+    cos, sin = LlamaRotaryEmbedding(hf)(torch.zeros(1), positions[None])
+    torch.testing.assert_close(ours[0][:, 0], cos[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours[1][:, 0], sin[0], atol=1e-4, rtol=0)
+    plain = RotaryEmbedding(LlamaConfig(head_dim=16, rope_theta=500000.0, max_position_embeddings=1024), 16, 1024)(positions)
+    assert not torch.allclose(plain[0], ours[0], atol=1e-2)  # the factors do change the tables

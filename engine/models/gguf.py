@@ -49,6 +49,7 @@ LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
                "ffn_norm": "post_attention_layernorm"}
 LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+ROPE_FREQS = "rope_freqs.weight"
 
 
 def is_gguf(path: str) -> bool:
@@ -73,13 +74,14 @@ def _open_gguf(path: str, mtime_ns: int) -> gguf.GGUFReader:
     if unsupported:
         raise ValueError(f"{path}: GGUF tensor type(s) {', '.join(sorted(unsupported))} not supported; "
                          f"supported: {', '.join(sorted(SUPPORTED_TYPES))}")
-    # Scaled RoPE (Llama 3.1's rope_freqs tensor, rope.scaling.* keys) is not in the config we build,
-    # so serving such a file would silently change every attention score.
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors) or \
-            _value(reader, f"{arch}.rope.scaling.type", "none") != "none":
-        raise ValueError(f"{path}: GGUF files with scaled RoPE (rope_freqs or rope.scaling) are not supported")
+    # RoPE scaling by metadata (rope.scaling.*: linear, yarn) is not in the config we build, so serving
+    # such a file would silently change every attention score. Llama 3.1+'s per-frequency factors
+    # (the rope_freqs tensor) are.
+    if _value(reader, f"{arch}.rope.scaling.type", "none") != "none":
+        raise ValueError(f"{path}: GGUF files with rope.scaling metadata are not supported")
     for tensor in reader.tensors:
-        hf_name(tensor.name)
+        if tensor.name != ROPE_FREQS:
+            hf_name(tensor.name)
     return reader
 
 
@@ -104,6 +106,9 @@ def load_gguf_config(path: str) -> PretrainedConfig:
     fields["vocab_size"] = _value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     # llama.cpp writes no output matrix when it is the embedding matrix
     fields["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
+    # Llama 3.1+: RoPE frequency i is divided by factor i (llama.cpp's form of the llama3 scaling)
+    fields |= {"rope_freq_factors": gguf.quants.dequantize(t.data, t.tensor_type).tolist()
+               for t in reader.tensors if t.name == ROPE_FREQS}
     return AutoConfig.for_model(model_type, architectures=[model_class], **fields)
 
 
@@ -139,6 +144,8 @@ def iter_gguf_weights(path: str, config, progress: bool = True) -> Iterator[tupl
     permuted = _value(reader, "general.architecture") in ROPE_PERMUTED
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     for tensor in tqdm(reader.tensors, desc="Loading GGUF tensors", unit="tensor", disable=not progress):
+        if tensor.name == ROPE_FREQS:  # part of the config (load_gguf_config), not a weight
+            continue
         name, kind = hf_name(tensor.name)
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         weight = torch.from_numpy(values if values.flags.writeable else values.copy())

@@ -50,6 +50,9 @@ class RotaryEmbedding(nn.Module):
             scaling = 1.0
         else:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        factors = getattr(config, "rope_freq_factors", None)  # llama.cpp's rope_freqs (Llama 3.1+ GGUF files)
+        if factors is not None:
+            inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
