@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SpeculativeConfig
 from engine.cuda_graphs import capture_sizes, decode_splits
 from engine.gpu_memory import GiB, MemoryProfile, plan_num_blocks
 from server.cli import parser
@@ -55,3 +55,38 @@ def test_cli_flags_for_the_gpu_path():
     assert args.gpu_memory_utilization == 0.8 and args.enforce_eager and args.kv_cache_memory is None
     args = parser().parse_args(["serve", "m"])
     assert args.gpu_memory_utilization == 0.9 and not args.enforce_eager
+
+
+def test_profile_step_runs_the_largest_batch_on_every_model(monkeypatch):
+    """The planning path on a CPU, with the GPU's measurement replaced: the profile step runs the
+    target and the draft model over max_num_batched_tokens tokens in max_num_seqs sampling
+    sequences, and the KV cache gets the planned share."""
+    from conftest import STORIES
+    from engine import gpu_memory
+    from engine.kv_cache import kv_block_bytes
+    from engine.llm_engine import LLMEngine
+    from engine.model_runner import ModelRunner
+
+    steps = []
+    real_execute = ModelRunner.execute
+
+    def execute(runner, sched):
+        steps.append([item.num_new_tokens for item in sched.scheduled])
+        out = real_execute(runner, sched)
+        assert out.logits.shape[0] == len(sched.scheduled)  # every profile sequence samples
+        return out
+
+    def profile(step, device):
+        step()
+        return MemoryProfile(total=10 * GiB, peak_torch=GiB, non_torch=0)
+
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    monkeypatch.setattr(gpu_memory, "profile", profile)
+    config = EngineConfig(model=str(STORIES), dtype="float32", device="cpu", max_num_seqs=8, max_num_batched_tokens=100,
+                          gpu_memory_utilization=0.5,
+                          speculative=SpeculativeConfig(method="draft", draft_model=str(STORIES), adaptive=False))
+    config.kv_cache_bytes = None  # what a CUDA device gets when kv_cache_memory is not given
+    engine = LLMEngine(config)
+    assert steps == [[13] * 7 + [9]] * 2  # the target, then the draft
+    block_bytes = 2 * kv_block_bytes(engine.hf_config, 16, 4)
+    assert engine.kv.num_blocks == (5 * GiB - GiB) // block_bytes
