@@ -47,7 +47,8 @@ def eos_token_ids(model_path: str, tokenizer, hf_config) -> set[int]:
     return set(ids) if isinstance(ids, (list, tuple)) else {ids}
 
 
-# The generation_config.json fields that become default sampling parameters (vLLM's --generation-config auto).
+# The generation_config.json fields that become default sampling parameters (vLLM's --generation-config
+# auto), besides max_new_tokens (max_tokens).
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
@@ -58,7 +59,10 @@ def sampling_defaults(source: str) -> dict:
         given = GenerationConfig.from_pretrained(source).to_diff_dict()  # only what the file sets
     except OSError:
         return {}
-    return {name: given[name] for name in SAMPLING_DEFAULTS if given.get(name) is not None}
+    defaults = {name: given[name] for name in SAMPLING_DEFAULTS if given.get(name) is not None}
+    if given.get("max_new_tokens") is not None:  # a chat request that sends no max_tokens stops here
+        defaults["max_tokens"] = given["max_new_tokens"]
+    return defaults
 
 
 class LLMEngine:

@@ -49,9 +49,9 @@ def parser() -> argparse.ArgumentParser:
                    help="auto: Triton kernels on CUDA, SDPA on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generation-config", default="auto",
-                   help="default sampling parameters (temperature, top_p, top_k, min_p, repetition_penalty) for "
-                        "fields a request leaves out: auto = the model's generation_config.json, vllm = none, "
-                        "or a folder holding a generation_config.json")
+                   help="default sampling parameters (temperature, top_p, top_k, min_p, repetition_penalty; "
+                        "max_new_tokens for chat) for fields a request leaves out: auto = the model's "
+                        "generation_config.json, vllm = none, or a folder holding a generation_config.json")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (faster decode; a minute or two more at start)")
     p.add_argument("--enforce-eager", action="store_true",

@@ -231,13 +231,25 @@ def test_model_generation_config_fills_the_sampling_fields_a_request_leaves_out(
 
 def test_generation_config_vllm_or_another_folder(model, tmp_path):
     """'vllm' recommends nothing; a folder's generation_config.json recommends what it sets, and
-    LLM.generate without sampling parameters uses it (here temperature 0: greedy)."""
+    LLM.generate without sampling parameters uses it (here temperature 0, greedy, for 5 tokens)."""
     assert LLM(str(model), kv_cache_memory="16MiB", generation_config="vllm").engine.default_sampling == {}
     (tmp_path / "generation_config.json").write_text('{"temperature": 0.0, "max_new_tokens": 5}')
     llm = LLM(str(model), kv_cache_memory="16MiB", generation_config=str(tmp_path))
-    assert llm.engine.default_sampling == {"temperature": 0.0}
+    assert llm.engine.default_sampling == {"temperature": 0.0, "max_tokens": 5}
     ids = [llm.tokenizer.encode(PROMPTS[1])]
-    assert llm.generate(prompt_token_ids=ids)[0].token_ids == greedy(llm, ids, 16)[0].token_ids
+    assert llm.generate(prompt_token_ids=ids)[0].token_ids == greedy(llm, ids, 5)[0].token_ids
+
+
+def test_chat_without_max_tokens_stops_at_the_recommended_length(model, tmp_path):
+    """A generation_config.json's max_new_tokens bounds a chat request that sends no max_tokens
+    (one that does send it is not bounded by it)."""
+    (tmp_path / "generation_config.json").write_text('{"max_new_tokens": 3}')
+    with running_server(model, "--kv-cache-memory", "16MiB", "--generation-config", str(tmp_path)) as srv:
+        client = srv.client()
+        short = client.chat.completions.create(model=str(model), messages=CHAT, extra_body={"ignore_eos": True})
+        assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+        longer = client.chat.completions.create(model=str(model), messages=CHAT, max_tokens=6, extra_body={"ignore_eos": True})
+        assert longer.usage.completion_tokens == 6
 
 
 def test_best_of_returns_the_most_likely(client):

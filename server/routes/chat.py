@@ -97,7 +97,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     keep_marker = tools is not None and state.tool_marker_is_special
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     sent = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = sent if sent is not None else max(1, state.max_model_len - len(prompt_ids))  # up to the context
+    room = max(1, state.max_model_len - len(prompt_ids))  # up to the context, or the model's recommendation
+    max_tokens = sent if sent is not None else min(room, state.default_sampling.get("max_tokens", room))
     renames = {"prompt": "messages", "max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
     choices = [Choice(i, 0, prompt_ids, body.sampling_params(
         state.default_sampling, renames, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
