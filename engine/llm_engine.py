@@ -128,9 +128,11 @@ class LLMEngine:
                     self.max_model_len, config.torch_dtype, config.torch_device)
 
     def _profile_memory(self, backend) -> gpu_memory.MemoryProfile:
-        """Run the largest step the scheduler can produce (max_num_batched_tokens tokens over up to
-        max_num_seqs sequences, every one sampling) on each loaded model, with a KV cache just large
-        enough for it, and measure the GPU's memory (engine.gpu_memory)."""
+        """Run the largest step the scheduler can produce on each loaded model, with a KV cache just
+        large enough for it, and measure the GPU's memory (engine.gpu_memory): max_num_batched_tokens
+        tokens over up to max_num_seqs sequences, all asking for prompt logprobs (logits and their
+        log-softmax for every row), then the sampler's softmax and sort over the most rows a step
+        samples (1 + k per sequence with k speculative drafts)."""
         config = self.config
         tokens = config.max_num_batched_tokens
         per_seq = min(-(-tokens // min(config.max_num_seqs, tokens)),
@@ -139,16 +141,21 @@ class LLMEngine:
         blocks_per_seq = -(-per_seq // config.block_size)
         reqs = []
         for i, n in enumerate(lengths):
-            reqs.append(Request(f"profile-{i}", [0] * n, SamplingParams(), set()))
+            reqs.append(Request(f"profile-{i}", [0] * n, SamplingParams(prompt_logprobs=1), set()))
             reqs[-1].block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
         sched = SchedulerOutput([ScheduledRequest(req, len(req.token_ids)) for req in reqs])
         runners = [ModelRunner(model, backend, len(reqs) * blocks_per_seq, config.block_size, config.torch_dtype,
                                config.torch_device) for model in (self.model, self.draft_model) if model is not None]
+        k = config.speculative.num_speculative_tokens if config.speculative else 0
+        sampled_rows = min(tokens, config.max_num_seqs * (1 + k))
 
         def largest_step() -> None:
             for runner in runners:
-                logits = runner.execute(sched).logits
-                torch.sort(torch.softmax(logits.float(), dim=-1), dim=-1)  # the sampler's top-p pass
+                out = runner.execute(sched)
+                prompt_logprobs = [torch.log_softmax(logits, dim=-1) for _, logits in out.prompt_logits.values()]
+                del out, prompt_logprobs
+            logits = torch.zeros(sampled_rows, self.vocab_size, device=config.torch_device)
+            torch.sort(torch.softmax(logits, dim=-1), dim=-1)  # the sampler's top-p pass
 
         return gpu_memory.profile(largest_step, config.torch_device)
 

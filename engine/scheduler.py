@@ -47,7 +47,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            wanted = self._lookahead(req, req.num_computed_tokens, num_new, budget, lookahead_of(req))
+            # Drafts never take the token the running requests after this one need to decode at all.
+            spare = budget - (len(self.running) - i - 1)
+            wanted = self._lookahead(req, req.num_computed_tokens, num_new, spare, lookahead_of(req))
             while (lookahead := self._allocate(req, req.num_computed_tokens + num_new, wanted)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)

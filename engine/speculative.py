@@ -51,6 +51,11 @@ class DraftPosition:
         return self.request.generator
 
     @property
+    def matcher(self):
+        """The request's grammar matcher, already advanced over the drafts by the proposer."""
+        return self.request.matcher
+
+    @property
     def token_ids(self) -> list[int]:
         return self.request.token_ids + self.drafts
 
@@ -137,8 +142,7 @@ class DraftModelProposer:
                                      for i in active])
             logits = self.runner.execute(sched).logits
             views = [DraftPosition(reqs[i], drafts[i]) for i in active]
-            constrained = [reqs[i] for i in active]
-            bitmask = self.structured().bitmask(constrained) if any(r.matcher is not None for r in constrained) else None
+            bitmask = self.structured().bitmask(views) if any(v.matcher is not None for v in views) else None
             logits, p = self.sampler.shape(logits, views, bitmask)
             tokens = self.sampler.pick(logits, p, views).tolist()
             still = []

@@ -60,7 +60,8 @@ def test_cli_flags_for_the_gpu_path():
 def test_profile_step_runs_the_largest_batch_on_every_model(monkeypatch):
     """The planning path on a CPU, with the GPU's measurement replaced: the profile step runs the
     target and the draft model over max_num_batched_tokens tokens in max_num_seqs sampling
-    sequences, and the KV cache gets the planned share."""
+    sequences with prompt logprobs (every row but each sequence's last, which samples), and the KV
+    cache gets the planned share."""
     from conftest import STORIES
     from engine import gpu_memory
     from engine.kv_cache import kv_block_bytes
@@ -74,6 +75,7 @@ def test_profile_step_runs_the_largest_batch_on_every_model(monkeypatch):
         steps.append([item.num_new_tokens for item in sched.scheduled])
         out = real_execute(runner, sched)
         assert out.logits.shape[0] == len(sched.scheduled)  # every profile sequence samples
+        assert sum(len(logits) for _, logits in out.prompt_logits.values()) == 100 - 8  # prompt logprobs: all rows
         return out
 
     def profile(step, device):

@@ -81,3 +81,23 @@ def test_block_bytes_from_config():
     # bench-135m shape: 30 layers, 3 KV heads of 64 (576 / 9 heads) in bf16 -> 16 tokens take 2*30*16*3*64*2 bytes
     config = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, num_attention_heads=9, hidden_size=576)
     assert kv_block_bytes(config, 16, 2) == 2 * 30 * 16 * 3 * 64 * 2
+
+
+def test_drafts_never_take_the_budget_later_running_requests_need():
+    """Six decoding requests want 4 draft slots each in a 12-token step: drafts get what is left once
+    every running request has its own token, so none of them stalls."""
+    from engine.request import Request, RequestStatus, SamplingParams
+    from engine.scheduler import Scheduler
+
+    kv = KVCacheManager(num_blocks=64, block_size=16)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=12)
+    for i in range(6):
+        req = Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=50), set())
+        req.token_ids.append(4)  # one output token: decoding
+        req.num_computed_tokens = 3
+        req.status = RequestStatus.RUNNING
+        assert kv.allocate(req.block_table, 3)
+        scheduler.running.append(req)
+    out = scheduler.schedule(lambda req: 4)
+    assert [item.num_new_tokens for item in out.scheduled] == [1] * 6
+    assert sum(item.num_lookahead for item in out.scheduled) == 12 - 6

@@ -105,6 +105,30 @@ def test_strings_never_hold_utf16_surrogates(llm):
             assert "\ufffd" not in o.text
 
 
+def test_a_draft_row_looks_at_the_draft_before_it(llm):
+    """The draft model masks its k-th proposal after the matcher took the first k - 1: a draft that
+    ends in the lead byte ED bars surrogate tails from the next row, the request's own last token
+    does not."""
+    from engine.request import Request
+    from engine.speculative import DraftPosition
+
+    structured = llm.engine.structured
+    ed, tail = (llm.tokenizer.convert_tokens_to_ids(c) for c in ("í", "ł"))  # bytes ED and A0
+    spec = Structured(json_schema={"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]})
+    req = Request("r", [1, 2], SamplingParams(structured_output=spec), set())
+    req.matcher = structured.matcher(spec)
+    for token in llm.tokenizer.encode('{"s": "'):
+        assert req.matcher.accept_token(token)
+        req.token_ids.append(token)
+    assert req.matcher.accept_token(ed)  # the draft: the first byte of a 3-byte character
+    allowed = lambda rows: bool((rows[0][0][tail // 32] >> (tail % 32)) & 1)  # noqa: E731
+    assert not allowed(structured.bitmask([DraftPosition(req, [ed])]))
+    # The same matcher state seen through the request itself (what the draft model used to pass):
+    # its last token is the quote, so the surrogate tail got through.
+    assert allowed(structured.bitmask([req]))
+    req.matcher.rollback(1)
+
+
 def test_whitespace_between_tokens_is_bounded(llm):
     many_optional = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(12)}}
     for out in sample(llm, Structured(json_schema=many_optional), n=30, max_tokens=80) + \
