@@ -42,6 +42,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return DTYPES[dtype]
 
 
+# Most draft tokens per step: grammar matchers keep this many tokens of rollback, and KV tables,
+# CUDA graphs and the CPU's batched attention leave room for them.
+MAX_SPECULATIVE_TOKENS = 16
+
+
 def head_dim(hf_config) -> int:
     """Per-head size: the config's own ``head_dim`` when it has one (Qwen3, Gemma), else hidden / heads."""
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
@@ -67,8 +72,9 @@ class SpeculativeConfig:
         self.draft_model = str(self.draft_model) if self.draft_model else None  # a Path is welcome too
         if self.method == "draft" and not self.draft_model:
             raise ValueError("speculative_method draft needs a draft model (--draft-model PATH)")
-        if not 1 <= self.num_speculative_tokens <= 16:  # the grammar matcher keeps 16 tokens of rollback
-            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
+                             f"got {self.num_speculative_tokens}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max, "
                              f"got {self.ngram_min} and {self.ngram_max}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.config import head_dim
+from engine.config import MAX_SPECULATIVE_TOKENS, head_dim
 from engine.cuda_graphs import DecodeGraphs
 from engine.outputs import RunnerOutput, SchedulerOutput
 
@@ -71,7 +71,7 @@ class ModelRunner:
         machine without CUDA: run through the same padded static buffers, see engine.cuda_graphs)."""
         start = time.perf_counter()
         before = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
-        max_blocks = -(-(max_model_len + 16) // self.block_size)  # 16: the most speculative lookahead
+        max_blocks = -(-(max_model_len + MAX_SPECULATIVE_TOKENS) // self.block_size)  # room for lookahead
         self.graphs = DecodeGraphs(self, max_num_seqs, max_blocks)
         if self.device.type == "cuda":
             self.graphs.capture()

@@ -4,7 +4,7 @@ One ``TokenizerInfo`` (with the model's real vocabulary size, which can exceed t
 caching ``GrammarCompiler`` per engine. Grammars compile before a request joins the batch (in a worker
 thread for the async engine), so a slow schema delays only its own request. Each step fills one
 bitmask row per constrained request; the sampler applies it (forbidden tokens -> -inf); accepted
-tokens advance the request's ``GrammarMatcher`` (kept able to roll back 16 tokens, for speculative decoding:
+tokens advance the request's ``GrammarMatcher`` (kept able to roll back MAX_SPECULATIVE_TOKENS, for speculative decoding:
 draft positions are masked by advancing the matcher over the drafts and rolling it back).
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from engine.config import MAX_SPECULATIVE_TOKENS
 from engine.errors import InvalidRequestError
 
 
@@ -63,12 +64,13 @@ class StructuredOutputs:
         # requests also get every token containing a byte below 0x20 masked out.
         self.token_bytes: list[bytes] = info.decoded_vocab  # each token's raw bytes (a byte token's: a partial character)
         no_control = torch.tensor([all(b >= 0x20 for b in token) for token in self.token_bytes])
-        self.json_allowed = pack_bitmask(no_control)
         # xgrammar admits UTF-16 surrogates encoded as UTF-8 (ED A0..BF ..), which are not UTF-8:
         # decoded they become U+FFFD, breaking the text and a string's maxLength. Every constrained
         # row loses the tokens that hold one, and, right after a token that ends in the lead byte ED,
         # the tokens that start with A0..BF.
-        self.no_surrogate = pack_bitmask(torch.tensor([SURROGATE.search(t) is None for t in self.token_bytes]))
+        no_surrogate = torch.tensor([SURROGATE.search(t) is None for t in self.token_bytes])
+        self.text_allowed = pack_bitmask(no_surrogate)  # every constrained row
+        self.json_allowed = pack_bitmask(no_surrogate & no_control)  # JSON rows
         self.ends_with_ed = [t.endswith(b"\xed") for t in self.token_bytes]
         self.no_surrogate_tail = pack_bitmask(torch.tensor([not (t and 0xA0 <= t[0] <= 0xBF) for t in self.token_bytes]))
         not_stop = torch.ones(vocab_size, dtype=torch.bool)
@@ -100,7 +102,7 @@ class StructuredOutputs:
             raise InvalidRequestError(spec.kind, f"{spec.kind}: invalid {spec.kind.replace('_', ' ')}: {exc}") from exc
 
     def matcher(self, spec: StructuredOutputParams) -> xgr.GrammarMatcher:
-        return xgr.GrammarMatcher(self.compile(spec), max_rollback_tokens=16)
+        return xgr.GrammarMatcher(self.compile(spec), max_rollback_tokens=MAX_SPECULATIVE_TOKENS)
 
     def only_stop_allowed(self, matcher: xgr.GrammarMatcher) -> bool:
         """True when the grammar is complete and admits nothing but a stop token."""
@@ -142,12 +144,11 @@ class StructuredOutputs:
                 advanced = 0
                 for j in range(count):
                     req.matcher.fill_next_token_bitmask(mask, row + j)
-                    mask[row + j] &= self.no_surrogate
+                    is_json = req.params.structured_output.kind in ("json_schema", "json_object")
+                    mask[row + j] &= self.json_allowed if is_json else self.text_allowed
                     previous = d[j - 1] if j else req.token_ids[-1]
                     if previous < len(self.ends_with_ed) and self.ends_with_ed[previous]:
                         mask[row + j] &= self.no_surrogate_tail
-                    if req.params.structured_output.kind in ("json_schema", "json_object"):
-                        mask[row + j] &= self.json_allowed
                     rows.append(row + j)
                     if j == len(d) or not req.matcher.accept_token(d[j]):
                         break

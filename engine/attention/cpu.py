@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import AttentionBackend, AttentionMetadata, visible
+from engine.config import MAX_SPECULATIVE_TOKENS
 
 
 @dataclass
@@ -46,8 +47,9 @@ def gather(g: _Gather, cache: torch.Tensor, which: int, compute: torch.dtype) ->
     return out.view(-1, *cache.shape[2:])
 
 
-# Sequences with up to this many new tokens share the batched call (speculative decoding drafts <= 16).
-MAX_BATCHED_QUERY = 17
+# Sequences with up to this many new tokens share the batched call: decodes, and verifications (the
+# last token plus its drafts).
+MAX_BATCHED_QUERY = 1 + MAX_SPECULATIVE_TOKENS
 
 
 @dataclass
