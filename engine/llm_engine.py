@@ -31,13 +31,17 @@ from engine.structured import StructuredOutputs
 logger = logging.getLogger(__name__)
 
 
-def eos_token_ids(model_path: str, tokenizer, hf_config) -> set[int]:
-    """EOS ids from generation_config.json (may be a list), else the config's, else the tokenizer's."""
-    ids: object = None
+def generation_config(folder: str) -> GenerationConfig | None:
+    """The folder's generation_config.json, if it has one."""
     try:
-        ids = GenerationConfig.from_pretrained(model_path).eos_token_id
+        return GenerationConfig.from_pretrained(folder)
     except OSError:
-        pass
+        return None
+
+
+def eos_token_ids(generation: GenerationConfig | None, tokenizer, hf_config) -> set[int]:
+    """EOS ids from generation_config.json (may be a list), else the config's, else the tokenizer's."""
+    ids = generation.eos_token_id if generation is not None else None
     if ids is None:
         ids = getattr(hf_config, "eos_token_id", None)
     if ids is None:
@@ -52,13 +56,10 @@ def eos_token_ids(model_path: str, tokenizer, hf_config) -> set[int]:
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def sampling_defaults(source: str) -> dict:
-    """What the model's creator recommends: the sampling fields its generation_config.json sets
-    (``source``: the model folder or another one; a missing file recommends nothing)."""
-    try:
-        given = GenerationConfig.from_pretrained(source).to_diff_dict()  # only what the file sets
-    except OSError:
-        return {}
+def sampling_defaults(generation: GenerationConfig | None) -> dict:
+    """What the model's creator recommends: the sampling fields a generation_config.json sets (none
+    without one)."""
+    given = generation.to_diff_dict() if generation is not None else {}  # only what the file sets
     defaults = {name: given[name] for name in SAMPLING_DEFAULTS if given.get(name) is not None}
     if given.get("max_new_tokens") is not None:  # a chat request that sends no max_tokens stops here
         defaults["max_tokens"] = given["max_new_tokens"]
@@ -71,9 +72,10 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.hf_config = load_config(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
-        self.eos_token_ids = eos_token_ids(config.model, self.tokenizer, self.hf_config)
+        model_generation = generation_config(config.model)
+        self.eos_token_ids = eos_token_ids(model_generation, self.tokenizer, self.hf_config)
         self.default_sampling = {} if config.generation_config == "vllm" else sampling_defaults(
-            config.model if config.generation_config == "auto" else config.generation_config)
+            model_generation if config.generation_config == "auto" else generation_config(config.generation_config))
         if self.default_sampling:
             SamplingParams(**self.default_sampling)  # a bad file is a startup error, not every request's
             logger.info("default sampling parameters from generation_config.json: %s (requests override them; "
