@@ -10,8 +10,9 @@ changes with the batch) and of the acceptance rates, and picks the k with the mo
 second; k = 0 is plain decoding. A choice held for ``PROBE_EVERY`` steps in a row is challenged once
 by the other extreme, so costs and acceptance are re-measured and speculation comes back when it
 pays again; each probe that confirms the choice doubles the wait before the next. Turning speculation
-on or off must win by ``SWITCH_MARGIN``: where the two are close, one noisy step would otherwise flip
-the choice back and forth.
+back on must win by ``SWITCH_MARGIN``, while it goes off as soon as plain decoding looks faster:
+plain is the safe side, and where the two are close one noisy step would otherwise flip the choice
+back and forth.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ PROBE_EVERY = 16  # steps a choice is held before the other extreme is tried; do
 MAX_PROBE_EVERY = 512
 WARM_UP = 1  # first measurements of each kind per bucket dropped (new shapes: one-off allocations)
 TRUSTED = 3  # measurements of each kind a bucket needs before it is trusted
-SWITCH_MARGIN = 0.1  # how much faster the other side (speculation on / off) must look to switch to it
+SWITCH_MARGIN = 0.1  # how much faster speculation must look than plain decoding to be turned back on
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -63,10 +64,8 @@ class AdaptivePolicy:
             return self.max_k
         rates = [self.tokens_per_second(bucket, k) for k in range(self.max_k + 1)]
         best = max(range(self.max_k + 1), key=lambda k: (rates[k], -k))
-        if bucket.last_choice is not None and (best > 0) != (bucket.last_choice > 0):
-            held = max(range(1, self.max_k + 1), key=lambda k: (rates[k], -k)) if bucket.last_choice else 0
-            if rates[best] < rates[held] * (1 + SWITCH_MARGIN):
-                best = held
+        if bucket.last_choice == 0 and best > 0 and rates[best] < rates[0] * (1 + SWITCH_MARGIN):
+            best = 0
         if (best > 0) != ((bucket.last_choice or 0) > 0):
             bucket.streak, bucket.probe_every = 0, PROBE_EVERY
         bucket.streak += 1
