@@ -81,11 +81,14 @@ def main() -> None:
     torch.manual_seed(0)
     report = {"device": torch.cuda.get_device_name(), "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
                                                                 "head_dim": HEAD_DIM, "block_size": BLOCK},
-              "prefill": [bench_prefill(n, b) for n, b in [(512, 8), (2048, 4), (8192, 1)]],
-              "decode": [bench_decode(c, b) for c, b in [(1024, 64), (8192, 16), (32768, 4), (131072, 1)]]}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report, indent=2))
+              "prefill": [], "decode": []}
+    rows = [("prefill", bench_prefill, n, b) for n, b in [(512, 8), (2048, 4), (8192, 1)]] + \
+           [("decode", bench_decode, c, b) for c, b in [(1024, 64), (8192, 16), (32768, 4), (131072, 1)]]
+    for kind, bench, length, batch in rows:
+        report[kind].append(bench(length, batch))
+        print(json.dumps(report[kind][-1]), flush=True)
+        with open(args.out, "w") as f:  # after every row: a run cut short keeps what finished
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

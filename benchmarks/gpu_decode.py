@@ -115,17 +115,20 @@ def main() -> None:
     roofline_tok_s = bandwidth / weight_bytes(LLAMA_3_2_1B)
     report = {"device": torch.cuda.get_device_name(), "hbm_bytes_per_s": bandwidth,
               "weight_bytes": weight_bytes(LLAMA_3_2_1B), "roofline_tok_s": roofline_tok_s, "dtype": DTYPE, "engine": ENGINE}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for mode, eager in (("eager", True), ("cuda_graphs", False)):
         report[mode] = w1_w2(target, enforce_eager=eager)
         report[mode]["w1"]["roofline_fraction"] = 1000 / report[mode]["w1"]["tpot_ms"] / roofline_tok_s
         print(mode, json.dumps(report[mode]), flush=True)
+        out.write_text(json.dumps(report, indent=2))  # after every section: a run cut short keeps what finished
     for name in WORKLOADS:
         report[f"{name}_graphs_speedup"] = (report["cuda_graphs"][name]["kvserve_out_tok_s"]
                                             / report["eager"][name]["kvserve_out_tok_s"])
+    out.write_text(json.dumps(report, indent=2))
     if not args.skip_speculative:
         report["speculative"] = speculative(target, draft, args.k)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+        out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "speculative"}, indent=2))
     shutil.rmtree(root, ignore_errors=True)
 
