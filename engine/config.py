@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.quantization import METHODS as QUANTIZATION_METHODS
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -106,6 +108,11 @@ class EngineConfig:
     compile: bool = False
     # CUDA graphs off: every step launches its kernels from Python (debugging, or to compare).
     enforce_eager: bool = False
+    # Weight-only quantization of the linear layers (engine.quantization): "int8" or "int4" (round to
+    # nearest at load), "gguf" (a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are), "none"; None: "gguf"
+    # for a .gguf file on CPU, else "none". Packed kernels serve the small batches of decoding; larger
+    # ones run from the dense weight, kept for them (engine.models.linear).
+    quantization: str | None = None
     # Append the tokens a grammar forces (e.g. the next JSON key) without sampling them one step each.
     enable_jump_forward: bool = True
     speculative: SpeculativeConfig | None = None
@@ -116,6 +123,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy", "safetensors"):
             raise ValueError(f"load_format: unsupported {self.load_format!r}; choose auto, safetensors or dummy")
+        if self.quantization not in (None, "none", "gguf", *QUANTIZATION_METHODS):
+            raise ValueError(f"quantization: unsupported {self.quantization!r}; choose none, gguf, "
+                             f"{', '.join(QUANTIZATION_METHODS)}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -82,13 +82,14 @@ class LLMEngine:
                         "--generation-config vllm ignores the file)", self.default_sampling)
         self.vocab_size = self.hf_config.vocab_size
         backend = get_backend(config.attention_backend, config.torch_device)
-        self.model = load_model(config.model, backend, config.torch_dtype, config.torch_device,
-                                config.load_format, config.seed, self.hf_config)
+        self.model = load_model(config.model, backend, config.torch_dtype, config.torch_device, config.load_format,
+                                config.seed, self.hf_config, config.quantization, config.max_num_batched_tokens)
         spec = config.speculative
         draft = spec is not None and spec.method == "draft"
         self.draft_config = load_draft_config(spec.draft_model, self.hf_config, self.tokenizer) if draft else None
         self.draft_model = load_model(spec.draft_model, backend, config.torch_dtype, config.torch_device,
-                                      config.load_format, config.seed, self.draft_config) if draft else None
+                                      config.load_format, config.seed, self.draft_config, config.quantization,
+                                      config.max_num_batched_tokens) if draft else None
         dtype_bytes = torch.finfo(config.torch_dtype).bits // 8
         block_bytes = sum(kv_block_bytes(c, config.block_size, dtype_bytes) for c in (self.hf_config, self.draft_config) if c)
         if config.kv_cache_bytes is None:

@@ -33,6 +33,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: MODEL)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--quantization", "-q", choices=["none", "gguf", "int8", "int4"],
+                   help="weight-only quantization of the linear layers, packed kernels on CPU: int8 (per "
+                        "channel) or int4 (groups of 32), rounded at load; gguf: a .gguf file's Q4_0/Q4_1/Q8_0 "
+                        "blocks exactly (the default for .gguf files); none: dense weights")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB, 512MiB (default: 2GiB on CPU; on "
                    "CUDA what --gpu-memory-utilization leaves after the weights and activations)")
@@ -145,6 +149,7 @@ def serve(args: argparse.Namespace) -> None:
     try:
         engine = AsyncEngine(EngineConfig(
             model=model_path, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+            quantization=args.quantization,
             load_format=args.load_format, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
             generation_config=args.generation_config,

@@ -60,9 +60,10 @@ def assert_no_blocks_held(llm: LLM) -> None:
     assert kv.num_free_blocks == kv.num_blocks and not any(kv.ref_counts)
 
 
-@pytest.mark.parametrize("method", ["draft", "ngram"])
-def test_greedy_outputs_equal_without_speculation_under_preemption(target, drafts, method):
-    budget = dict(kv_cache_memory=2 * 12 * 16 * 2 * 32 * 4 * 20, max_num_batched_tokens=64)  # 20 blocks: preempts
+@pytest.mark.parametrize("method,quantization", [("draft", None), ("ngram", None), ("draft", "int8")])
+def test_greedy_outputs_equal_without_speculation_under_preemption(target, drafts, method, quantization):
+    budget = dict(kv_cache_memory=2 * 12 * 16 * 2 * 32 * 4 * 20, max_num_batched_tokens=64,  # 20 blocks: preempts
+                  quantization=quantization)
     plain = LLM(str(target), **budget)
     expected = plain.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
     llm = spec_llm(target, method, drafts["noisy"] if method == "draft" else None, **budget)

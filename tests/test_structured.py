@@ -26,15 +26,17 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module", params=["plain", "draft", "ngram"])
+@pytest.fixture(scope="module", params=["plain", "draft", "ngram", "int4 draft"])
 def llm(request, tiny_model, draft_of):
     """The random Qwen2 model "wants" arbitrary tokens from a 151k vocabulary: only the mask keeps it
     valid. Every test runs without speculation, with a draft model, and with n-gram lookup: the
-    grammar must hold at every draft position and across rollbacks."""
+    grammar must hold at every draft position and across rollbacks; and once with int4 packed
+    weights (target and draft)."""
     target = tiny_model("qwen2")
-    spec = {"plain": None, "draft": dict(method="draft", draft_model=str(draft_of(target, noise=0.02)), adaptive=False),
-            "ngram": dict(method="ngram", adaptive=False)}[request.param]
-    return LLM(str(target), kv_cache_memory="64MiB", max_num_batched_tokens=256, speculative_config=spec)
+    draft = dict(method="draft", draft_model=str(draft_of(target, noise=0.02)), adaptive=False)
+    spec = {"plain": None, "draft": draft, "ngram": dict(method="ngram", adaptive=False), "int4 draft": draft}
+    return LLM(str(target), kv_cache_memory="64MiB", max_num_batched_tokens=256, speculative_config=spec[request.param],
+               quantization="int4" if request.param.startswith("int4") else None)
 
 
 def sample(llm, spec: Structured, n: int, max_tokens: int = 160, temperature: float = 1.0):

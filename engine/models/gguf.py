@@ -2,9 +2,9 @@
 
 The config comes from the file's metadata keys (llama.cpp's names mapped to Hugging Face's), the
 tokenizer (with its chat template) from transformers' GGUF tokenizer converter, and the weights
-from the ``gguf`` package: every tensor is dequantized once at load (we have no quantized kernels)
-and renamed to Hugging Face's names, so the models' ``load_weights`` takes them exactly like a
-safetensors checkpoint.
+from the ``gguf`` package: every tensor is dequantized once at load and renamed to Hugging Face's
+names, so the models' ``load_weights`` takes them exactly like a safetensors checkpoint; the blocks
+our packed kernels read exactly (Q4_0, Q4_1, Q8_0) are kept as well (engine.quantization).
 
 We build the config ourselves rather than through ``AutoConfig.from_pretrained(gguf_file=...)``:
 transformers parses the whole metadata (100k tokenizer strings) again for it, ~7 s for SmolLM2.
@@ -21,6 +21,8 @@ import gguf
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
+
+from engine.quantization import QuantizedWeight, from_gguf_blocks
 
 # general.architecture -> (transformers model_type, our model class). llama.cpp writes Llama 2/3,
 # Mistral and SmolLM files as "llama"; a file that says "mistral" gets its sliding window.
@@ -138,8 +140,11 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, -1, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def iter_gguf_weights(path: str, config, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) for every tensor of the file, dequantized and with q/k rows restored."""
+def iter_gguf_weights(path: str, config, packed: dict[str, QuantizedWeight] | None = None,
+                      progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) for every tensor of the file, dequantized and with q/k rows restored.
+    With ``packed``, the Q4_0 / Q4_1 / Q8_0 tensors are also put there as they are in the file (exact
+    integers and scales), for the packed kernels; the float tensor is then their dequantized value."""
     reader = open_gguf(path)
     permuted = _value(reader, "general.architecture") in ROPE_PERMUTED
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
@@ -147,8 +152,14 @@ def iter_gguf_weights(path: str, config, progress: bool = True) -> Iterator[tupl
         if tensor.name == ROPE_FREQS:  # part of the config (load_gguf_config), not a weight
             continue
         name, kind = hf_name(tensor.name)
+        unpermute = functools.partial(unpermute_rope_rows, num_heads=heads.get(kind)) if permuted and kind in heads \
+            else None
+        blocks = from_gguf_blocks(tensor.data, tensor.tensor_type.name, tuple(reversed(tensor.shape.tolist()))) \
+            if packed is not None and len(tensor.shape) == 2 else None
+        if blocks is not None:
+            packed[name] = blocks.rows(unpermute) if unpermute else blocks
+            yield name, packed[name].dequantize()
+            continue
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         weight = torch.from_numpy(values if values.flags.writeable else values.copy())
-        if permuted and kind in heads:
-            weight = unpermute_rope_rows(weight, heads[kind])
-        yield name, weight
+        yield name, unpermute(weight) if unpermute else weight

@@ -16,6 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention import AttentionMetadata
 from engine.config import head_dim
+from engine.models.linear import Linear
 
 # HF name fragment -> (our fused parameter, index of the shard inside it)
 FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -67,27 +68,6 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-# Without native bf16 instructions (AVX2-only CPUs), oneDNN's bf16 GEMM cost grows linearly with the
-# rows: fine for the matrix-vector products of decoding, 10x slower than float32 for a prefill chunk.
-# So on CPU, bf16/fp16 layers serve up to CPU_HALF_MAX_ROWS rows directly and larger batches from a
-# float32 copy of the weight made once (memory traded for speed, as oneDNN-prepacked weights do).
-CPU_HALF_MAX_ROWS = 4
-
-
-class Linear(nn.Linear):
-    _fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by prepare_cpu_half()
-
-    def prepare_cpu_half(self) -> None:
-        """Make the float32 copy once, after loading (made lazily, torch.compile would redo it every call)."""
-        if self.weight.device.type == "cpu" and self.weight.dtype != torch.float32:
-            self._fp32 = (self.weight.detach().float(), None if self.bias is None else self.bias.detach().float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fp32 is not None and x.shape[0] > CPU_HALF_MAX_ROWS:
-            return F.linear(x.float(), *self._fp32).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

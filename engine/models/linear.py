@@ -1,0 +1,165 @@
+"""The linear layer every model matmul goes through, and the startup probe that picks its CPU kernel.
+
+On CPU the fastest way to multiply depends on the row count and on the machine: PyTorch's packed
+int8/int4 kernels read 2-4x fewer bytes than bf16 and win the matrix-vector products of decoding, but
+they are not GEMMs and lose 3-10x to a dense matmul at prefill sizes; bf16 GEMMs run on AMX units where
+a CPU has them and at a tenth of float32's speed where it has only AVX2. So each layer holds the forms
+it may run (its weight; a float32 copy of a half weight; a packed form of a quantized one) and a plan,
+measured once at load on the engine thread, of which form serves how many rows. No rule of thumb, so
+no path is ever the 50x-slower one on a machine the rule was not written for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.quantization import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+# Row counts the probe times (then the step's whole token budget); each form serves the rows up to the
+# largest count at which it was the fastest, the last one everything above.
+PROBE_ROWS = (1, 2, 4, 8, 16, 32)
+PACKED_DTYPE = torch.bfloat16  # the packed kernels' fast activation dtype (their float32 path is scalar)
+
+
+class PackedWeight:
+    """A QuantizedWeight laid out for PyTorch's CPU kernels: ``_weight_int8pack_mm`` (per-channel int8) or
+    ``_weight_int4pack_mm_for_cpu`` (group-wise int4), one call per int4 plane."""
+
+    def __init__(self, weight: QuantizedWeight):
+        self.bits, self.group_size = weight.bits, weight.group_size
+        if weight.bits == 8:
+            self.planes = [(weight.q.contiguous(), weight.scale.to(PACKED_DTYPE))]
+        else:
+            self.planes = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1),
+                            torch.stack([scale.t(), zero.t()], dim=-1).to(PACKED_DTYPE).contiguous())
+                           for q, scale, zero in zip(weight.q, weight.scale, weight.zero)]
+        self.nbytes = sum(t.numel() * t.element_size() for plane in self.planes for t in plane)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(PACKED_DTYPE)
+        if self.bits == 8:
+            return torch.ops.aten._weight_int8pack_mm(x, *self.planes[0])
+        out = None
+        for packed, scales_zeros in self.planes:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, scales_zeros)
+            out = y if out is None else out + y
+        return out
+
+
+class Linear(nn.Linear):
+    """nn.Linear that serves each batch from the form its plan picked for that many rows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.packed: PackedWeight | None = None
+        self._fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.plan: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []  # (up to rows, form)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        for max_rows, form in self.plan:
+            if rows <= max_rows:
+                return form(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def set_quantized(self, weight: QuantizedWeight) -> None:
+        self.packed = PackedWeight(weight)
+
+    def forms(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The forms this layer can run on CPU, by name; each takes and returns the model's dtype."""
+        forms = {"dense": self._dense}
+        if self.weight.dtype != torch.float32:
+            if self._fp32 is None:
+                self._fp32 = (self.weight.detach().float(), None if self.bias is None else self.bias.detach().float())
+            forms["float32"] = self._float32
+        if self.packed is not None:
+            forms[f"int{self.packed.bits}"] = self._packed
+        return forms
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _float32(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), *self._fp32).to(x.dtype)
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.packed(x).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def set_plan(self, choice: list[tuple[int, str]]) -> None:
+        """Serve rows up to each bound from the named form; drop the float32 copy if no bound uses it."""
+        forms = self.forms()
+        self.plan = [(max_rows, forms[name]) for max_rows, name in choice]
+        if all(name != "float32" for _, name in choice):
+            self._fp32 = None
+
+
+class KernelProbe:
+    """Times each form at PROBE_ROWS and the token budget, once per group of layers of one shape, dtype and
+    set of forms, run over every layer of the group in turn as a forward pass streams them (one layer
+    timed alone sits in cache and flatters the bigger forms). A packed form serves a prefix of the row
+    counts: once a GEMM beats it, a larger batch only widens the gap."""
+
+    def __init__(self, max_rows: int, repeats: int = 3):
+        self.row_counts = sorted({r for r in PROBE_ROWS if r < max_rows} | {max_rows})
+        self.repeats = repeats
+
+    def plan(self, layers: list[Linear]) -> list[tuple[int, str]]:
+        names = list(layers[0].forms())
+        if len(names) == 1:
+            return [(1 << 62, names[0])]
+        alive, best = set(names), []
+        for rows in self.row_counts:
+            if len(alive) == 1:  # the one form left serves the rest
+                break
+            x = torch.randn(rows, layers[0].in_features).to(layers[0].weight.dtype)
+            times = {name: self._time([layer.forms()[name] for layer in layers], x) for name in names if name in alive}
+            winner = min(times, key=times.get)
+            alive = {name for name in alive if name == winner or not name.startswith("int")}
+            best.append((rows, winner))
+        best.append((1 << 62, next(iter(alive)) if len(alive) == 1 else winner))  # and everything above
+        plan = []  # merge neighbours that chose the same form
+        for rows, name in best:
+            if plan and plan[-1][1] == name:
+                plan[-1] = (rows, name)
+            else:
+                plan.append((rows, name))
+        return plan
+
+    def _time(self, forms: list[Callable], x: torch.Tensor) -> float:
+        """Best of a few passes: this machine's noise (preempted vCPUs) only ever adds time."""
+        best = float("inf")
+        for _ in range(self.repeats + 1):
+            start = time.perf_counter()
+            for form in forms:
+                form(x)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+
+def plan_linear_kernels(model: nn.Module, max_rows: int) -> None:
+    """Measure and set every Linear's plan (CPU only: on GPU each layer runs its weight as is)."""
+    groups: dict[tuple, list[Linear]] = {}
+    for layer in model.modules():
+        if isinstance(layer, Linear) and layer.weight.device.type == "cpu":
+            key = (tuple(layer.weight.shape), layer.weight.dtype, tuple(layer.forms()), layer.bias is not None)
+            groups.setdefault(key, []).append(layer)
+    start, probe = time.perf_counter(), KernelProbe(max_rows)
+    with torch.inference_mode():
+        for (shape, dtype, *_), layers in groups.items():
+            plan = probe.plan(layers)
+            for layer in layers:
+                layer.set_plan(plan)
+            logger.info("CPU matmul %s %s (%d layers): %s", "x".join(map(str, shape)), str(dtype).removeprefix("torch."),
+                        len(layers), ", ".join(f"{name} up to {rows} rows" if rows < 1 << 62 else f"{name} above"
+                                               for rows, name in plan))
+    if groups:
+        logger.info("CPU kernel probe: %d shapes in %.2f s", len(groups), time.perf_counter() - start)
