@@ -38,7 +38,7 @@ class Result:
 
 async def one_request(http: httpx.AsyncClient, url: str, body: dict) -> Result:
     start = time.perf_counter()
-    last, ttft, itl, tokens = start, 0.0, [], 0
+    last, ttft, itl, tokens, chunks = start, 0.0, [], 0, 0
     try:
         async with http.stream("POST", url, json=body) as response:
             if response.status_code != 200:
@@ -52,6 +52,7 @@ async def one_request(http: httpx.AsyncClient, url: str, body: dict) -> Result:
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    chunks += 1
                     now = time.perf_counter()
                     if ttft == 0.0:
                         ttft = now - start
@@ -60,7 +61,8 @@ async def one_request(http: httpx.AsyncClient, url: str, body: dict) -> Result:
                     last = now
     except httpx.HTTPError as exc:
         return Result(False, error=f"{type(exc).__name__}: {exc}")
-    return Result(True, ttft=ttft, e2e=time.perf_counter() - start, output_tokens=tokens, itl=itl)
+    # a server that reports no usage in the stream (some llama.cpp builds) streams one token per chunk
+    return Result(True, ttft=ttft, e2e=time.perf_counter() - start, output_tokens=tokens or chunks, itl=itl)
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float]:
