@@ -59,11 +59,25 @@ def build_llama_cpp(cache: Path) -> Path:
     with tarfile.open(sdist) as archive:
         archive.extractall(cache, filter="data")
     run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-         "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-         "-DLLAMA_BUILD_SERVER=ON"], stdout=subprocess.DEVNULL)
+         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+         *ggml_isa_flags()], stdout=subprocess.DEVNULL)
     run(["cmake", "--build", str(tree / "build"), "-j", str(os.cpu_count()), "--target", "llama-server",
          "llama-quantize"], stdout=subprocess.DEVNULL)
     return tree
+
+
+# /proc/cpuinfo flag -> ggml's CMake option. Not -march=native: on AMX machines it compiles ggml's AMX
+# kernels, and the repacked Q4_0 / Q8_0 weights they read crashed llama-server at load here (SIGILL,
+# SIGSEGV; BF16 ran, and --no-repack ran). Every other instruction set this CPU has is used.
+GGML_ISA = {"sse4_2": "SSE42", "f16c": "F16C", "fma": "FMA", "bmi2": "BMI2", "avx": "AVX", "avx2": "AVX2",
+            "avx_vnni": "AVX_VNNI", "avx512bw": "AVX512", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI",
+            "avx512_bf16": "AVX512_BF16"}
+
+
+def ggml_isa_flags() -> list[str]:
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    return ["-DGGML_NATIVE=OFF", *(f"-DGGML_{option}={'ON' if flag in flags else 'OFF'}"
+                                   for flag, option in GGML_ISA.items())]
 
 
 def bench_gguf_files(tree: Path, cache: Path, smollm2: str) -> dict[str, Path]:
@@ -117,7 +131,10 @@ def serve(engine: str, model: Path, tree: Path, extra: list[str]) -> subprocess.
 def measure(engine: str, model: Path, tree: Path, extra: list[str], workloads: list[str]) -> dict:
     proc = serve(engine, model, tree, extra)
     try:
-        row = {"startup_s": wait_healthy(proc)}
+        try:
+            row = {"startup_s": wait_healthy(proc)}
+        except RuntimeError as exc:  # recorded, and the run goes on to the next server
+            return {"error": str(exc)}
         for workload in workloads:
             out = HERE / "results" / f"_peer_{workload}.json"
             run([sys.executable, str(HERE / "serving.py"), "--base-url", f"http://127.0.0.1:{PORT}", "--workload",
@@ -126,11 +143,12 @@ def measure(engine: str, model: Path, tree: Path, extra: list[str], workloads: l
             out.unlink()
         return row
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def read_bandwidth(gib: int = 2) -> float:
@@ -153,7 +171,7 @@ def roofline(results: dict, bandwidth: float, files: dict[str, Path]) -> str:
     for fmt, rows in results.items():
         limit = bandwidth * 1e9 / files[fmt].stat().st_size
         for server, row in rows.items():
-            if row.get("w1"):
+            if row.get("w1") and fmt in files:
                 speed = 1000 / row["w1"]["tpot_ms"]["p50"]
                 lines.append(f"{fmt} {server}: decode {speed:.0f} tok/s = {speed / limit:.0%} of the roofline "
                              f"{limit:.0f} tok/s ({files[fmt].stat().st_size / 1e6:.0f} MB per token)")
@@ -188,6 +206,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["w1", "w2"], choices=list(WORKLOADS))
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "kvserve-peers"))
     parser.add_argument("--out", default=str(HERE / "results" / "peers.json"))
+    parser.add_argument("--resume", action="store_true", help="keep --out's rows and measure only the rest")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent))
     from server.cli import embedded_model
@@ -198,11 +217,13 @@ def main() -> None:
     tree = build_llama_cpp(cache)
     smollm2 = embedded_model()
     files = bench_gguf_files(tree, cache, smollm2) | {"smollm2": Path(smollm2)}
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = json.loads(Path(args.out).read_text())["results"] if args.resume else {}
     bandwidth = read_bandwidth()
     for fmt in args.formats:
-        results[fmt] = {}
+        results.setdefault(fmt, {})
         for server in args.servers:
+            if server in results[fmt] and "error" not in results[fmt][server]:
+                continue
             extra = KVSERVE_CONFIGS[server.split()[1]] if server.startswith("kvserve") else []
             results[fmt][server] = measure(server.split()[0], files[fmt], tree, extra, args.workloads)
             Path(args.out).write_text(json.dumps({"machine": os.uname().machine, "cpus": os.cpu_count(),
