@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +13,8 @@ from engine.errors import InvalidRequestError
 from engine.structured import StructuredOutputParams
 
 MAX_LOGPROBS = 20
+MAX_TOP_K = 2**31 - 1
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -48,13 +51,16 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1", self.max_tokens)
-        _check(self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
+        _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "must be finite and >= 0",
+               self.temperature)
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1 (disabled), 0 (disabled) or >= 1", self.top_k)
+        self.top_k = min(self.top_k, MAX_TOP_K)  # more than the vocabulary is all of it; and it fits a tensor
         _check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]", self.min_p)
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]", self.presence_penalty)
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
-        _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0", self.repetition_penalty)
+        _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               "must be finite and > 0", self.repetition_penalty)
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be in [0, {MAX_LOGPROBS}]", self.logprobs)
         _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
                f"must be in [0, {MAX_LOGPROBS}]", self.prompt_logprobs)
@@ -63,7 +69,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures this small are greedy (as in vLLM): dividing logits by them overflows to NaN."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

@@ -78,7 +78,7 @@ def min_p_mask(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def processed_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     """The distribution a (non-greedy) request samples from: temperature, top-k, top-p, min-p."""
     device = logits.device
-    temps = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=device)
+    temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in reqs], device=device)
     logits = logits / temps[:, None]
     if any(r.params.top_k > 0 for r in reqs):
         logits = top_k_mask(logits, torch.tensor([r.params.top_k for r in reqs], device=device))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -44,6 +45,9 @@ CASES = [
     ("max_completion_tokens_negative", "/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -1}, 400,
      "max_completion_tokens"),
     ("temperature_negative", "/v1/completions", {"prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ("temperature_infinite", "/v1/completions", b'{"prompt": "hi", "temperature": Infinity}', 400, "temperature"),
+    ("repetition_penalty_infinite", "/v1/completions", b'{"prompt": "hi", "repetition_penalty": Infinity}', 400,
+     "repetition_penalty"),
     ("top_p_above_one", "/v1/chat/completions", {"messages": CHAT, "top_p": 1.5}, 400, "top_p"),
     ("top_k_below_minus_one", "/v1/completions", {"prompt": "hi", "top_k": -3}, 400, "top_k"),
     ("min_p_above_one", "/v1/completions", {"prompt": "hi", "min_p": 2}, 400, "min_p"),
@@ -90,6 +94,24 @@ def test_bad_input_is_an_openai_error(server, path, body, status, param):
     assert error["param"] == param, error
     assert isinstance(error["message"], str) and error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+def test_extreme_sampling_values_run_beside_plain_requests(server):
+    """top_k past int64 (it failed every request of its step: "Overflow when unpacking long long") is the
+    whole vocabulary, and a temperature below 1e-5 (it gave NaN probabilities) is greedy; both in one
+    batch with plain greedy and sampled requests, which all get their tokens."""
+    bodies = [{"top_k": 10**31, "temperature": 1.0}, {"temperature": 1e-40}, {"temperature": 0}, {"temperature": 1.0}] * 2
+
+    def complete(extra: dict) -> dict:
+        body = {"prompt": "hi", "max_tokens": 6, "ignore_eos": True, "seed": 1} | extra
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        outs = list(pool.map(complete, bodies))
+    assert all(out["usage"]["completion_tokens"] == 6 for out in outs)
+    assert outs[1]["choices"][0]["text"] == outs[2]["choices"][0]["text"]  # 1e-40 is greedy
 
 
 def test_context_error_names_both_numbers(server):
