@@ -257,3 +257,27 @@ def test_packed_greedy_chat_equals_float32_or_parts_at_a_near_tie(smollm2_pair):
             top2 = sorted(want.logprobs[at].top.values(), reverse=True)[:2]
             assert top2[0] - top2[1] < 0.2, (name, tok.decode(want.token_ids), tok.decode(got.token_ids), top2)
     assert same["packed"] >= min(same["bf16"], 6) - 2, same
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_blocks_fill_every_fused_matrix_and_the_head(tied, tiny_model):
+    """quantize_linears on a model whose every weight came as file blocks: q/k/v and gate/up stacked in
+    their fused matrices, the head packed from its own blocks or, tied, from the embedding's."""
+    from transformers import AutoConfig
+
+    from engine.attention import get_backend
+    from engine.models import model_class
+    from engine.models.loader import quantize_linears
+
+    config = AutoConfig.from_pretrained(tiny_model("llama"), tie_word_embeddings=tied)
+    model = model_class(config)(config, get_backend("auto", torch.device("cpu")))
+    hf = AutoModelForCausalLM.from_config(config)
+    blocks = {name: quantize(p, "int4") for name, p in hf.named_parameters() if p.dim() == 2}
+    quantize_linears(model, "gguf", blocks)
+    for name, layer in model.named_modules():
+        if isinstance(layer, Linear):
+            assert layer.packed is not None, name
+    q, k, v = (blocks[f"model.layers.0.self_attn.{p}_proj.weight"].dequantize() for p in "qkv")
+    assert torch.equal(model.model.layers[0].self_attn.qkv_proj.weight, torch.cat([q, k, v]))
+    head = blocks["model.embed_tokens.weight" if tied else "lm_head.weight"].dequantize()
+    assert torch.equal(model.lm_head.weight, head)

@@ -105,8 +105,8 @@ def quantize_linears(model: torch.nn.Module, method: str, file_weights: dict[str
         if not isinstance(layer, Linear):
             continue
         if method == "gguf":
-            prefix, _, leaf = name.rpartition(".")
-            parts = [f"{prefix}.{fragment}.weight" for fragment in fused_parts.get(leaf, [leaf])]
+            prefix, dot, leaf = name.rpartition(".")
+            parts = [f"{prefix}{dot}{fragment}.weight" for fragment in fused_parts.get(leaf, [leaf])]
             if name == "lm_head" and tied:
                 parts = ["model.embed_tokens.weight"]
             found = [file_weights.get(part) for part in parts]
