@@ -68,7 +68,7 @@ class Linear(nn.Linear):
         for max_rows, form in self.plan:
             if rows <= max_rows:
                 return form(x)
-        return F.linear(x, self.weight, self.bias)
+        return self._dense(x)  # no plan: on GPU, or before the probe
 
     def set_quantized(self, weight: QuantizedWeight) -> None:
         self.packed = PackedWeight(weight)
