@@ -24,7 +24,32 @@ class Request(BaseModel):
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         """OpenAI's client sends ``"n": null`` and the like for optional fields: same as not sent."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        where = unencodable_text(data)
+        if where is not None:  # JSON admits "\ud800"; the tokenizer and every encoder after it do not
+            raise APIError(400, f"{where or 'body'}: text holds a lone UTF-16 surrogate, which is not valid "
+                                "Unicode text", where or None)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+def unencodable_text(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (key or value) in a JSON value that UTF-8 cannot encode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{path}.{key}" if path else str(key)
+        found = unencodable_text(key, inner) if isinstance(key, str) else None
+        if found is None:
+            found = unencodable_text(item, inner)
+        if found is not None:
+            return found
+    return None
 
 
 class StreamOptions(Request):

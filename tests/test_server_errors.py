@@ -80,6 +80,10 @@ CASES = [
     ("unknown_response_format", "/v1/chat/completions",
      {"messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
     ("detokenize_bad_id", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("lone_surrogate_prompt", "/v1/completions", b'{"prompt": "abc\\ud800", "max_tokens": 2}', 400, "prompt"),
+    ("lone_surrogate_message", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi \\udc00"}], "max_tokens": 2}', 400, "messages.0.content"),
+    ("lone_surrogate_stop", "/v1/completions", b'{"prompt": "hi", "stop": ["ok", "\\ud83d"]}', 400, "stop.1"),
     ("unknown_route", "/v1/engines", {}, 404, None),
 ]
 
