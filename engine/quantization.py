@@ -55,9 +55,9 @@ class QuantizedWeight:
     def rows(self, permute) -> QuantizedWeight:
         """The same weight with its rows reordered by ``permute`` (a function of a rows-first tensor)."""
         def per_row(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or self.bits == 8:
-                return None if t is None else permute(t)
-            return torch.stack([permute(plane) for plane in t])
+            if t is None:
+                return None
+            return permute(t) if self.bits == 8 else torch.stack([permute(plane) for plane in t])  # 4 bits: planes
         return QuantizedWeight(self.bits, per_row(self.q), per_row(self.scale), per_row(self.zero), self.group_size)
 
 
@@ -103,7 +103,7 @@ def can_quantize(shape: tuple[int, int], method: str) -> str | None:
     return None
 
 
-# GGUF block layouts: (bytes per block, what the bytes after the fp16 header hold)
+# Bytes per block of 32 weights: an fp16 scale d (Q4_1: then an fp16 min m), then the quants
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 

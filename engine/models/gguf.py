@@ -152,7 +152,7 @@ def iter_gguf_weights(path: str, config, packed: dict[str, QuantizedWeight] | No
         if tensor.name == ROPE_FREQS:  # part of the config (load_gguf_config), not a weight
             continue
         name, kind = hf_name(tensor.name)
-        unpermute = functools.partial(unpermute_rope_rows, num_heads=heads.get(kind)) if permuted and kind in heads \
+        unpermute = functools.partial(unpermute_rope_rows, num_heads=heads[kind]) if permuted and kind in heads \
             else None
         blocks = from_gguf_blocks(tensor.data, tensor.tensor_type.name, tuple(reversed(tensor.shape.tolist()))) \
             if packed is not None and len(tensor.shape) == 2 else None
