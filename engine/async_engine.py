@@ -5,6 +5,10 @@ thread through a queue, and receives each step's outputs in one ``call_soon_thre
 Leaving ``generate()`` early (client gone, task cancelled) aborts the request; the abort is applied
 between two steps, so its blocks are free within one step.
 
+A watchdog on the event loop logs a step that runs longer than ``stall_timeout`` (once, with the
+requests in it) and ``stalled`` says so while it lasts, for a health check: the event loop keeps
+answering while the engine thread hangs in a kernel.
+
 The engine is built on the engine thread too, and no other thread may run torch ops. libgomp
 gives each thread that opens a parallel region its own worker team; once two teams exist on a
 machine with few cores, libgomp counts itself oversubscribed and its workers stop spin-waiting,
@@ -17,6 +21,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -42,11 +47,19 @@ class _Abort:
     request_id: str
 
 
+class _AbortAll:
+    """End every request now, each stream getting its finish_reason "abort" delta."""
+
+
 class AsyncEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, stall_timeout: float = 60.0):
         """Load the model on a new engine thread and wait until it is ready (load errors re-raise
-        here); the thread runs steps once ``start()`` hands it the event loop."""
-        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        here); the thread runs steps once ``start()`` hands it the event loop. A step running longer
+        than ``stall_timeout`` seconds counts as a stall."""
+        self.stall_timeout = stall_timeout
+        self._step_started: float | None = None  # time.monotonic() when the step in progress began
+        self._watchdog: asyncio.Task | None = None
+        self._commands: queue.SimpleQueue[_Add | _Abort | _AbortAll] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._started = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
@@ -66,15 +79,26 @@ class AsyncEngine:
         return self._started.is_set() and self._thread.is_alive()
 
     @property
+    def stalled(self) -> bool:
+        """Has the step in progress run longer than ``stall_timeout``?"""
+        return self._stalled(self._step_started)
+
+    def _stalled(self, started: float | None) -> bool:
+        return started is not None and time.monotonic() - started > self.stall_timeout
+
+    @property
     def num_unfinished(self) -> int:
         return len(self._streams)
 
     def start(self) -> None:
         """Begin stepping; call from inside the event loop that consumes the streams."""
         self._loop = asyncio.get_running_loop()
+        self._watchdog = self._loop.create_task(self._watch())
         self._started.set()
 
     def shutdown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._stopping = True
         self._started.set()
         self._wakeup.set()
@@ -82,6 +106,17 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    async def _watch(self) -> None:
+        """Log each stalled step once, with the requests in it."""
+        logged = None
+        while True:
+            await asyncio.sleep(min(self.stall_timeout / 2, 1.0))
+            started = self._step_started
+            if self._stalled(started) and started != logged:
+                logged = started
+                logger.error("engine step running for %.1fs, longer than the stall timeout (%.1fs); requests in it: %s",
+                             time.monotonic() - started, self.stall_timeout, ", ".join(self.engine.step_request_ids))
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        arrival: float | None = None) -> AsyncIterator[RequestOutput]:
@@ -115,7 +150,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit(_Abort(request_id))
 
-    def _submit(self, command: _Add | _Abort) -> None:
+    def abort_all(self) -> None:
+        """End every request in the engine within a step; unlike ``abort`` (for callers that have left),
+        each stream still gets its last delta, finish_reason "abort" (a server's shutdown timeout)."""
+        self._submit(_AbortAll())
+
+    def _submit(self, command: _Add | _Abort | _AbortAll) -> None:
         self._commands.put(command)
         self._wakeup.set()
 
@@ -130,7 +170,13 @@ class AsyncEngine:
             self._built.set()
         self._started.wait()
         try:
+            # Ready before the first grammar request: building xgrammar's tokenizer info and starting
+            # the compile worker holds the GIL for a second, which mid-stream would stall every client.
+            self.engine.structured  # noqa: B018
             self._loop_steps()
+        except BaseException:
+            logger.critical("the engine thread died; requests in flight: %s", ", ".join(self.engine.requests) or "none",
+                            exc_info=True)
         finally:  # whatever ends this thread, no client may wait forever
             error = RuntimeError("the engine stopped")
             for request_id in list(self._streams):
@@ -143,15 +189,26 @@ class AsyncEngine:
                 self._wakeup.wait()
                 self._wakeup.clear()
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # an engine bug must not hang every client: fail what is in flight
+            except Exception as exc:  # a scheduler bug (the step isolates requests' own failures): fail them all
                 logger.exception("engine step failed")
-                outputs = [self.engine.abort_request(rid) for rid in list(self.engine.requests)]
-                for out in outputs:
-                    out.finish_reason, out.error = "error", f"engine step failed: {exc}"
+                self._abort_all(f"engine step failed: {exc}")
+                continue
+            finally:
+                self._step_started = None
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _abort_all(self, error: str | None = None) -> None:
+        """Abort every request, telling its stream (finish_reason "error" with ``error`` if given)."""
+        outputs = [self.engine.abort_request(rid) for rid in list(self.engine.requests)]
+        if error is not None:
+            for out in outputs:
+                out.finish_reason, out.error = "error", error
+        if outputs:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
     def _apply_commands(self) -> None:
         while True:
@@ -161,6 +218,9 @@ class AsyncEngine:
                 return
             if isinstance(command, _Abort):
                 self.engine.abort_request(command.request_id)
+                continue
+            if isinstance(command, _AbortAll):
+                self._abort_all()
                 continue
             try:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.arrival)

@@ -115,6 +115,10 @@ class EngineConfig:
     quantization: str | None = None
     # Append the tokens a grammar forces (e.g. the next JSON key) without sampling them one step each.
     enable_jump_forward: bool = True
+    # Grammar compiles run in this many worker processes, each compile bounded in CPU seconds
+    # (engine.grammar_worker); a compile over the bound is the client's 400.
+    structured_output_workers: int = 1
+    structured_output_compile_timeout: float = 10.0
     speculative: SpeculativeConfig | None = None
     # Default sampling parameters: "auto" from the model's generation_config.json (as vLLM), "vllm"
     # none (SamplingParams' own defaults), or another folder's generation_config.json.
@@ -130,6 +134,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.structured_output_workers < 1 or not self.structured_output_compile_timeout > 0:
+            raise ValueError("structured_output_workers must be >= 1 and structured_output_compile_timeout > 0")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self.torch_device = resolve_device(self.device)

@@ -26,6 +26,7 @@ from engine.request import Request, SamplingParams
 from engine.sampler import Sampler, token_logprobs
 from engine.scheduler import Scheduler
 from engine.speculative import DraftModelProposer, NgramProposer, Speculator
+from engine.grammar_worker import CompileLimits
 from engine.structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,25 @@ def sampling_defaults(generation: GenerationConfig | None) -> dict:
     if given.get("max_new_tokens") is not None:  # a chat request that sends no max_tokens stops here
         defaults["max_tokens"] = given["max_new_tokens"]
     return defaults
+
+
+class _Attempt:
+    """What running a scheduled request consumes before the step commits, saved so that a failed
+    attempt can be undone: the draft model's progress and the drafts (they are proposed again), and
+    a seeded request's generator (so the retry draws the numbers the first attempt drew)."""
+
+    def __init__(self, item: ScheduledRequest):
+        self.item = item
+        self.draft_num_computed = item.request.draft_num_computed
+        generator = item.request.generator
+        self.generator_state = generator.get_state() if generator is not None else None
+
+    def undo(self) -> None:
+        req = self.item.request
+        req.draft_num_computed = self.draft_num_computed
+        if self.generator_state is not None:
+            req.generator.set_state(self.generator_state)
+        self.item.spec_token_ids, self.item.draft_probs = [], None
 
 
 class LLMEngine:
@@ -121,6 +141,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.jump_forward_tokens_total = 0
         self.num_steps = 0
+        self.step_request_ids: list[str] = []  # the step in progress (or the last): what a watchdog reports
         if config.compile:
             self._warm_up_decode()
         if backend.supports_cuda_graphs and not config.enforce_eager:
@@ -205,7 +226,9 @@ class LLMEngine:
         server's worker threads (grammar compiles, logprob bytes) may ask at the same time as the step."""
         with self._structured_lock:
             if self._structured is None:
-                self._structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                self._structured = StructuredOutputs(
+                    self.tokenizer, self.vocab_size, self.eos_token_ids, self.config.structured_output_workers,
+                    CompileLimits(timeout_s=self.config.structured_output_compile_timeout))
         return self._structured
 
     # --- requests -------------------------------------------------------------------------
@@ -261,41 +284,65 @@ class LLMEngine:
             if item.request.times.first_scheduled is None:
                 item.request.times.first_scheduled = now
         self.num_steps += 1
-        try:
-            if self.speculator:
-                self.speculator.propose(sched)
-            result = self.runner.execute(sched)
-        except Exception as exc:  # a failed forward ends the requests in it; the engine goes on
-            logger.exception("model forward failed")
-            return [self._finish(item.request, "error", error=f"model forward failed: {exc}") for item in sched.scheduled]
-        sampling = [item for item in sched.scheduled if item.samples]
-        for item in sched.scheduled:
-            if item.request.request_id in result.prompt_logits:
-                self._record_prompt_logprobs(item.request, *result.prompt_logits[item.request.request_id])
-        self.scheduler.update(sched)
-        outputs: list[RequestOutput] = []
-        if sampling:
-            new_tokens = self._sample(result.logits, sampling)
-            now = time.monotonic()
-            for item, (tokens, logprobs) in zip(sampling, new_tokens):
-                try:
-                    outputs.append(self._append_tokens(item.request, tokens, logprobs, now))
-                except Exception as exc:  # one request's failure stays that request's
-                    logger.exception("request %s failed", item.request.request_id)
-                    outputs.append(self._finish(item.request, "error", error=str(exc)))
-                if item.num_lookahead and not item.request.finished:
-                    self._settle_speculation(item, len(tokens) - 1)
+        self.step_request_ids = [item.request.request_id for item in sched.scheduled]
+        outputs = self._run_isolated(sched.scheduled)
         if self.speculator and all(item.num_new_tokens == 1 for item in sched.scheduled):
             self.speculator.observe_step(sched.scheduled, time.perf_counter() - started)
+        return outputs
+
+    def _run_isolated(self, items: list[ScheduledRequest]) -> list[RequestOutput]:
+        """``_run(items)``; if it raises, nothing was committed: undo what the attempt consumed and run
+        each half again, so a failure one request's parameters cause ends that request alone and its
+        batch-mates go on with the tokens they would have had (a failure of every request, a broken
+        device say, still ends all of them, after about 2n attempts)."""
+        attempts = [_Attempt(item) for item in items]
+        try:
+            return self._run(items)
+        except Exception as exc:
+            failure = exc
+        for attempt in attempts:
+            attempt.undo()
+        if len(items) == 1:
+            logger.error("request %s failed in an engine step", items[0].request.request_id, exc_info=failure)
+            return [self._finish(items[0].request, "error", error=f"engine step failed: {failure}")]
+        logger.warning("an engine step of %d requests failed (%s: %s); retrying them in halves to find the request "
+                       "that causes it", len(items), type(failure).__name__, failure)
+        half = len(items) // 2
+        return self._run_isolated(items[:half]) + self._run_isolated(items[half:])
+
+    def _run(self, items: list[ScheduledRequest]) -> list[RequestOutput]:
+        """Draft, forward and sample ``items``, then commit: what can fail for the whole batch comes
+        before ``scheduler.update``, so a failed attempt can be run again; after it, failures are per
+        request."""
+        sched = SchedulerOutput(items)
+        if self.speculator:
+            self.speculator.propose(sched)
+        result = self.runner.execute(sched)
+        for item in items:
+            if item.request.request_id in result.prompt_logits:
+                self._record_prompt_logprobs(item.request, *result.prompt_logits[item.request.request_id])
+        sampling = [item for item in items if item.samples]
+        new_tokens = self._sample(result.logits, sampling) if sampling else []
+        self.scheduler.update(sched)
+        if any(item.spec_token_ids for item in sampling):
+            self.speculator.record(sampling, [len(tokens) - 1 for tokens, _ in new_tokens])
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for item, (tokens, logprobs) in zip(sampling, new_tokens):
+            try:
+                outputs.append(self._append_tokens(item.request, tokens, logprobs, now))
+            except Exception as exc:  # one request's failure stays that request's
+                logger.exception("request %s failed", item.request.request_id)
+                outputs.append(self._finish(item.request, "error", error=str(exc)))
+            if item.num_lookahead and not item.request.finished:
+                self._settle_speculation(item, len(tokens) - 1)
         return outputs
 
     def _sample(self, logits: torch.Tensor, items: list[ScheduledRequest]) -> list[tuple[list[int], list]]:
         """Per sampling request, the tokens this step adds and their logprobs: one sampled token, or
         (speculative decoding) the accepted drafts and the target's own token."""
         if any(item.spec_token_ids for item in items):
-            verified = self.speculator.verify(logits, items)
-            self.speculator.record(items, [v.num_accepted for v in verified])
-            return [(v.token_ids, v.logprobs) for v in verified]
+            return [(v.token_ids, v.logprobs) for v in self.speculator.verify(logits, items)]
         reqs = [item.request for item in items]
         bitmask = self.structured.bitmask(reqs) if any(r.matcher is not None for r in reqs) else None
         sampled = self.sampler(logits, reqs, bitmask)
@@ -334,7 +381,8 @@ class LLMEngine:
         kept_logprobs = logprobs[:len(new_tokens)] if logprobs[0] is not None else None
         if reason is None and req.matcher is not None and self.config.enable_jump_forward and req.params.logprobs is None:
             forced_from = len(new_tokens)
-            for forced in self.structured.jump_forward_tokens(req.matcher, req.output_token_ids):
+            budget = min(req.params.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
+            for forced in self.structured.jump_forward_tokens(req.matcher, req.output_token_ids, budget):
                 if not req.matcher.accept_token(forced):
                     break
                 new_tokens.append(forced)

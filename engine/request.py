@@ -15,6 +15,9 @@ from engine.structured import StructuredOutputParams
 MAX_LOGPROBS = 20
 MAX_TOP_K = 2**31 - 1
 GREEDY_TEMPERATURE = 1e-5
+# Penalties past these are clamped: float32 makes 5e-324 a 0 (logits / 0 = inf, NaN probabilities) and
+# 1e300 an inf (0 * inf = NaN), while at these bounds the penalty already decides every token it touches.
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class SamplingParams:
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
         _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
                "must be finite and > 0", self.repetition_penalty)
+        self.repetition_penalty = min(max(self.repetition_penalty, REPETITION_PENALTY_RANGE[0]), REPETITION_PENALTY_RANGE[1])
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be in [0, {MAX_LOGPROBS}]", self.logprobs)
         _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
                f"must be in [0, {MAX_LOGPROBS}]", self.prompt_logprobs)

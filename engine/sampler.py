@@ -63,6 +63,7 @@ def top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop_sorted = (mass_before >= top_p[:, None]) & (top_p < 1)[:, None]  # rows without top-p stay untouched
+    drop_sorted[:, 0] = False  # the most likely token stays, even for a top_p float32 rounds to 0 (5e-324)
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     probs = probs.masked_fill(drop, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)

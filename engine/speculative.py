@@ -136,34 +136,37 @@ class DraftModelProposer:
         drafts: list[list[int]] = [[] for _ in reqs]
         probs: list[list[torch.Tensor]] = [[] for _ in reqs]
         active = [i for i, k in enumerate(num_drafts) if k > 0]
-        while active:
-            started = time.perf_counter()
-            sched = SchedulerOutput([ScheduledRequest(seqs[i], seqs[i].num_tokens - seqs[i].num_computed_tokens)
-                                     for i in active])
-            logits = self.runner.execute(sched).logits
-            views = [DraftPosition(reqs[i], drafts[i]) for i in active]
-            bitmask = self.structured().bitmask(views) if any(v.matcher is not None for v in views) else None
-            logits, p = self.sampler.shape(logits, views, bitmask)
-            tokens = self.sampler.pick(logits, p, views).tolist()
-            still = []
-            for row, (i, token) in enumerate(zip(active, tokens)):
-                req, seq = reqs[i], seqs[i]
-                seq.num_computed_tokens = seq.num_tokens
-                if req.matcher is not None and not req.matcher.accept_token(token):
-                    continue  # only a grammar with nothing left to allow gets here: stop drafting
-                seq.token_ids.append(token)
-                drafts[i].append(token)
-                if not req.params.greedy:
-                    probs[i].append(p[row])
-                ended = token in req.stop_token_ids or (req.matcher is not None and req.matcher.is_terminated())
-                if len(drafts[i]) < num_drafts[i] and not ended:
-                    still.append(i)
-            active = still
-            self.forward_seconds.append(time.perf_counter() - started)
-        for req, seq, d in zip(reqs, seqs, drafts):
+        try:
+            while active:
+                started = time.perf_counter()
+                sched = SchedulerOutput([ScheduledRequest(seqs[i], seqs[i].num_tokens - seqs[i].num_computed_tokens)
+                                         for i in active])
+                logits = self.runner.execute(sched).logits
+                views = [DraftPosition(reqs[i], drafts[i]) for i in active]
+                bitmask = self.structured().bitmask(views) if any(v.matcher is not None for v in views) else None
+                logits, p = self.sampler.shape(logits, views, bitmask)
+                tokens = self.sampler.pick(logits, p, views).tolist()
+                still = []
+                for row, (i, token) in enumerate(zip(active, tokens)):
+                    req, seq = reqs[i], seqs[i]
+                    seq.num_computed_tokens = seq.num_tokens
+                    if req.matcher is not None and not req.matcher.accept_token(token):
+                        continue  # only a grammar with nothing left to allow gets here: stop drafting
+                    seq.token_ids.append(token)
+                    drafts[i].append(token)
+                    if not req.params.greedy:
+                        probs[i].append(p[row])
+                    ended = token in req.stop_token_ids or (req.matcher is not None and req.matcher.is_terminated())
+                    if len(drafts[i]) < num_drafts[i] and not ended:
+                        still.append(i)
+                active = still
+                self.forward_seconds.append(time.perf_counter() - started)
+        finally:  # the grammar ends where it began, also when a failed step is run again
+            for req, d in zip(reqs, drafts):
+                if req.matcher is not None and d:
+                    req.matcher.rollback(len(d))
+        for req, seq in zip(reqs, seqs):
             req.draft_num_computed = seq.num_computed_tokens
-            if req.matcher is not None and d:
-                req.matcher.rollback(len(d))
         return [Proposal(d, torch.stack(q) if q else None) for d, q in zip(drafts, probs)]
 
 
@@ -181,7 +184,6 @@ class Verified:
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
-    num_accepted: int
 
 
 class Speculator:
@@ -231,7 +233,7 @@ class Speculator:
             rows = slice(start, start + n + 1)
             logprobs = (self.sampler.logprobs(raw[rows], torch.tensor(tokens, device=logits.device), [req] * (n + 1))
                         if raw is not None else [None] * (n + 1))
-            out.append(Verified(tokens, logprobs, n))
+            out.append(Verified(tokens, logprobs))
         return out
 
     def _accept_drafts(self, argmax: torch.Tensor, probs: torch.Tensor | None, items: list[ScheduledRequest],

@@ -1,8 +1,9 @@
 """Grammar-constrained decoding with xgrammar: JSON (schema or any object), regex, EBNF, choice, structural tags.
 
 One ``TokenizerInfo`` (with the model's real vocabulary size, which can exceed the tokenizer's) and one
-caching ``GrammarCompiler`` per engine. Grammars compile before a request joins the batch (in a worker
-thread for the async engine), so a slow schema delays only its own request. Each step fills one
+caching ``CompilePool`` per engine: grammars compile in worker processes, bounded in CPU time and
+memory, before a request joins the batch, so a slow schema delays only its own request. JSON Schemas
+are checked first (``schema_check``: size limits, enum values their type forbids). Each step fills one
 bitmask row per constrained request; the sampler applies it (forbidden tokens -> -inf); accepted
 tokens advance the request's ``GrammarMatcher`` (kept able to roll back MAX_SPECULATIVE_TOKENS, for speculative decoding:
 draft positions are masked by advancing the matcher over the drafts and rolling it back).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,9 +21,13 @@ import xgrammar as xgr
 
 from engine.config import MAX_SPECULATIVE_TOKENS
 from engine.errors import InvalidRequestError
+from engine.grammar_worker import CompileError, CompileJob, CompileLimits, CompilePool
+from engine.schema_check import SchemaLimits, checked_schema
 
 
 JUMP_CONTEXT_TOKENS = 4
+MAX_FORCED_CHARS_PER_TOKEN = 64  # forced text is cut to this many characters per token it may become
+MAX_SOURCE_BYTES = 256 * 1024  # a regex, EBNF grammar or structural tag (schemas: SchemaLimits.max_bytes)
 SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")  # the UTF-8 form of U+D800..U+DFFF, which UTF-8 forbids
 
 
@@ -36,6 +41,7 @@ class StructuredOutputParams:
     grammar: str | None = None
     choice: list[str] | None = None
     structural_tag: Any = None  # an xgrammar StructuralTag (or its dict/JSON form), e.g. for tool calls
+    compiled: xgr.CompiledGrammar | None = field(default=None, repr=False, compare=False)  # set by compile()
 
     def __post_init__(self) -> None:
         chosen = [name for name in ("json_schema", "regex", "grammar", "choice", "structural_tag")
@@ -55,7 +61,8 @@ class StructuredOutputParams:
 
 
 class StructuredOutputs:
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int], num_workers: int = 1,
+                 limits: CompileLimits = CompileLimits()):
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(stop_token_ids) or None)
         self.vocab_size = vocab_size
@@ -78,28 +85,51 @@ class StructuredOutputs:
         self.not_stop = pack_bitmask(not_stop)
         self._stop_check_mask = xgr.allocate_token_bitmask(1, vocab_size)  # reused: only the engine thread checks
         self.tokenizer = tokenizer
-        self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=True)
+        self.pool = CompilePool(info, num_workers, limits)
+
+    def job(self, spec: StructuredOutputParams) -> CompileJob:
+        """What the pool compiles (and caches by); a JSON Schema is checked first, and a source over
+        the size limit refused, both naming the parameter."""
+        if spec.json_schema is not None:
+            return CompileJob("json_schema", json.dumps(checked_schema(spec.json_schema, "json_schema", SchemaLimits())))
+        if spec.json_object:
+            return CompileJob("json_object", "")
+        if spec.choice is not None:
+            source = "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
+            return self._sized(spec, CompileJob("grammar", source))
+        if spec.regex is not None:
+            return self._sized(spec, CompileJob("regex", spec.regex))
+        if spec.grammar is not None:
+            return self._sized(spec, CompileJob("grammar", spec.grammar))
+        tag = spec.structural_tag
+        if isinstance(tag, xgr.StructuralTag):
+            tag = tag.model_dump_json()
+        return self._sized(spec, CompileJob("structural_tag", tag if isinstance(tag, str) else json.dumps(tag)))
+
+    @staticmethod
+    def _sized(spec: StructuredOutputParams, job: CompileJob) -> CompileJob:
+        if len(job.source.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
+            raise InvalidRequestError(spec.kind, f"{spec.kind}: {len(job.source)} characters, over the limit of "
+                                                 f"{MAX_SOURCE_BYTES} bytes")
+        return job
+
+    def cached(self, spec: StructuredOutputParams) -> bool:
+        """True when the spec's grammar needs no compile (attaches it). Blocks briefly (a schema is
+        checked to make its cache key): call it off the event loop."""
+        if spec.compiled is None:
+            spec.compiled = self.pool.cached(self.job(spec))
+        return spec.compiled is not None
 
     def compile(self, spec: StructuredOutputParams) -> xgr.CompiledGrammar:
-        """Compile (or fetch from the compiler's cache); a bad spec is a ValueError naming its parameter."""
-        try:
-            if spec.json_schema is not None:
-                schema = spec.json_schema if isinstance(spec.json_schema, str) else json.dumps(spec.json_schema)
-                # Fixed separators: a model that knows no JSON cannot pad it with endless blanks.
-                return self.compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
-            if spec.json_object:  # any object, with the same bounded whitespace as a schema
-                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
-            if spec.regex is not None:
-                return self.compiler.compile_regex(spec.regex)
-            if spec.grammar is not None:
-                return self.compiler.compile_grammar(spec.grammar)
-            if spec.choice is not None:
-                return self.compiler.compile_grammar(
-                    "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice))
-            tag = spec.structural_tag
-            return self.compiler.compile_structural_tag(tag if isinstance(tag, (str, xgr.StructuralTag)) else json.dumps(tag))
-        except (RuntimeError, ValueError, TypeError, xgr.InvalidJSONError, xgr.InvalidStructuralTagError) as exc:
-            raise InvalidRequestError(spec.kind, f"{spec.kind}: invalid {spec.kind.replace('_', ' ')}: {exc}") from exc
+        """Compile (or fetch from the pool's cache) and attach to the spec; a bad spec is an
+        InvalidRequestError naming its parameter. Blocks: call it off the event loop."""
+        if spec.compiled is None:
+            try:
+                spec.compiled = self.pool.compile(self.job(spec))
+            except CompileError as exc:
+                raise InvalidRequestError(spec.kind, f"{spec.kind}: cannot serve this {spec.kind.replace('_', ' ')}: "
+                                                     f"{exc}") from None
+        return spec.compiled
 
     def matcher(self, spec: StructuredOutputParams) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(self.compile(spec), max_rollback_tokens=MAX_SPECULATIVE_TOKENS)
@@ -111,22 +141,24 @@ class StructuredOutputs:
         matcher.fill_next_token_bitmask(self._stop_check_mask, 0)
         return not bool((self._stop_check_mask[0] & self.not_stop).any())
 
-    def jump_forward_tokens(self, matcher: xgr.GrammarMatcher, output_ids: list[int]) -> list[int]:
+    def jump_forward_tokens(self, matcher: xgr.GrammarMatcher, output_ids: list[int], budget: int) -> list[int]:
         """Tokens for the text the grammar forces next, as the model's own tokenizer would split it.
 
         xgrammar's own split (longest vocabulary match) can differ from the tokenizer's, which would
         put the model off its usual path; so the forced text is re-encoded after a few tokens of
         context, and only the tokens past that context are used (the last one may still merge with
-        what follows, so it is left to sampling)."""
+        what follows, so it is left to sampling). At most ``budget`` tokens (what the request may still
+        emit): a grammar can force far more text than that (grammar_check bounds it, not to max_tokens)."""
         forced = matcher.find_jump_forward_string()
-        if not forced:
+        if not forced or budget <= 0:
             return []
+        forced = forced[:MAX_FORCED_CHARS_PER_TOKEN * (budget + 1)]
         context = self.tokenizer.decode(output_ids[-JUMP_CONTEXT_TOKENS:])
         base = self.tokenizer.encode(context, add_special_tokens=False)
         ids = self.tokenizer.encode(context + forced, add_special_tokens=False)
         if ids[:len(base)] != base:
             return []
-        return ids[len(base):-1]
+        return ids[len(base):-1][:budget]
 
     def bitmask(self, reqs: list, drafts: list[list[int]] | None = None) -> tuple[torch.Tensor, list[int]] | None:
         """One bitmask for the batch: rows for the constrained requests (their row indices returned).

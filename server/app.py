@@ -10,12 +10,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import AsyncEngine
 from server.errors import APIError
 from server.metrics import HTTPMetrics
+from server.protocol import STREAMED_CHUNKS
 from server.routes import chat, completions, health, models, tokenize
 from server.serving import ServerState, Settings
 
@@ -23,6 +25,15 @@ logger = logging.getLogger("kvserve.server")
 
 ROUTE_MODULES = (completions, chat, models, health, tokenize)
 OPEN_PATHS = {"/health", "/version", "/metrics"}  # probes and scrapers work without the key
+MAX_REQUEST_ID = 128
+
+
+def request_id_of(sent: bytes | None) -> bytes:
+    """The client's ``X-Request-Id`` if it is a sane token (1-128 visible ASCII characters, safe to echo
+    and to log), else a fresh id."""
+    if sent and len(sent) <= MAX_REQUEST_ID and all(0x21 <= byte <= 0x7E for byte in sent):
+        return sent
+    return uuid.uuid4().hex.encode()
 
 
 class RequestIdAndAuth:
@@ -31,15 +42,20 @@ class RequestIdAndAuth:
 
     def __init__(self, app: ASGIApp, api_key: str | None):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.api_key = api_key.encode() if api_key else None
+
+    def authorized(self, header: bytes) -> bool:
+        """``Bearer KEY``, the scheme in any case (RFC 9110 11.1); the key compared in constant time."""
+        scheme, _, key = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(b" "), self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id") or uuid.uuid4().hex.encode()
-        if (self.expected is not None and scope["path"] not in OPEN_PATHS
-                and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected)):
+        request_id = request_id_of(headers.get(b"x-request-id"))
+        if (self.api_key is not None and scope["path"] not in OPEN_PATHS
+                and not self.authorized(headers.get(b"authorization", b""))):
             error = APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
                              code="invalid_api_key", headers={"X-Request-Id": request_id.decode("latin-1")})
             return await error.response()(scope, receive, send)
@@ -50,6 +66,36 @@ class RequestIdAndAuth:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class BodyLimit:
+    """Pure ASGI: a request body over ``limit`` bytes is a 413, refused by its Content-Length before the
+    app runs or, sent chunked, as soon as the bytes received pass the limit; so no more than the limit
+    (plus the one chunk that crossed it) is ever held."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    def message(self) -> str:
+        return f"request body is larger than {self.limit} bytes (--max-request-bytes)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await APIError(413, self.message()).response()(scope, receive, send)
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # FastAPI passes an HTTPException from the body read on to http_error
+                raise HTTPException(413, self.message())
+            return message
+
+        await self.app(scope, counting_receive, send)
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -69,6 +115,26 @@ def validation_error(exc: RequestValidationError) -> APIError:
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
+def openapi_document(app: FastAPI) -> dict:
+    """FastAPI's document less the 422 it gives every route with a body (invalid input is a 400 with
+    OpenAI's error body here, declared by each route with the other statuses it answers), plus the
+    streamed chunks' schemas."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in document["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        schemas = document["components"]["schemas"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        for model in STREAMED_CHUNKS:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+            for name, definition in {**schema.pop("$defs", {}), model.__name__: schema}.items():
+                schemas.setdefault(name, definition)
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
 def create_app(engine: AsyncEngine, settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -80,10 +146,12 @@ def create_app(engine: AsyncEngine, settings: Settings) -> FastAPI:
         logger.info("engine stopped")
 
     app = FastAPI(title="kvserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.openapi = lambda: openapi_document(app)
     app.state.kvserve = ServerState(engine, settings)
     app.state.started = int(time.time())
     for module in ROUTE_MODULES:
         app.include_router(module.router)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(RequestIdAndAuth, api_key=settings.api_key)
     state = app.state.kvserve
     paths = {route.path for module in ROUTE_MODULES for route in module.router.routes}

@@ -43,6 +43,13 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
     return rendered
 
 
+def content_bytes(messages: list[ChatMessage]) -> int:
+    """UTF-8 bytes of the messages' text: what the template renders of them at the least."""
+    texts = [m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or [])
+             for m in messages]
+    return sum(len(text.encode()) for text in texts)
+
+
 HERMES_TOOLS_PROMPT = """# Tools
 
 You may call one or more functions to assist with the user query.

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -60,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
                    help="torch.compile the decode step (faster decode; a minute or two more at start)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: launch every decode step's kernels from Python")
+    grammar = p.add_argument_group("structured output")
+    grammar.add_argument("--structured-output-compile-timeout", type=float, default=10.0,
+                         help="CPU seconds one grammar compile may take (JSON Schema, regex, EBNF, tools); a "
+                              "longer one is stopped and its request refused with 400")
+    grammar.add_argument("--structured-output-workers", type=int, default=1,
+                         help="processes compiling grammars at once (each ~300 MB); more compiles wait their turn")
     spec = p.add_argument_group("speculative decoding")
     spec.add_argument("--speculative-method", choices=["draft", "ngram"],
                       help="draft: a small model with the same tokenizer proposes (needs --draft-model); "
@@ -76,11 +81,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting-requests", type=int, default=256,
                    help="sequences allowed to wait beyond --max-num-seqs; more get 503 + Retry-After")
     p.add_argument("--max-n", type=int, default=16, help="largest n / best_of a request may ask for")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                   help="largest request body accepted; a larger one is refused with 413 (default: 4 MiB)")
     p.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's own)")
     p.add_argument("--tool-call-parser", default="auto", choices=["auto", "hermes", "llama3_json", "mistral"],
                    help="the model's tool-call syntax (auto: read it from the chat template)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds to let in-flight requests finish")
+                   help="on SIGTERM (or Ctrl+C), seconds in-flight generation may go on; meanwhile /health "
+                        "answers 503 \"draining\" and new generation requests 503 + Retry-After. Then each "
+                        "unfinished stream ends with a chunk with finish_reason \"abort\" and data: [DONE], and "
+                        "each unfinished non-streamed request gets a 503 error (retryable: the openai client "
+                        "retries it itself; partial text is never passed off as a whole answer). A second "
+                        "signal ends the wait at once; the exit status is 0")
+    p.add_argument("--engine-stall-timeout", type=float, default=60.0,
+                   help="seconds one engine step may run (normally milliseconds; a long prefill chunk on CPU "
+                        "a second or so) before /health answers 503 \"engine stalled\", so an orchestrator "
+                        "restarts a hung server; the stall is logged once with the requests in the step")
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"],
@@ -135,7 +151,10 @@ def serve(args: argparse.Namespace) -> None:
     from engine import AsyncEngine, EngineConfig
     from server.app import create_app
     from server.serving import Settings
+    from server.shutdown import CLOSE_GRACE_S, DrainingServer
 
+    if args.engine_stall_timeout <= 0:
+        sys.exit("kvserve: --engine-stall-timeout must be > 0")
     model_path = resolve_model(args.model) if args.model else embedded_model()
     chat_template = None
     if args.chat_template:
@@ -156,20 +175,19 @@ def serve(args: argparse.Namespace) -> None:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, block_size=args.block_size,
             attention_backend=args.attention_backend, compile=args.compile,
-            speculative=speculative_config(args)))
+            structured_output_compile_timeout=args.structured_output_compile_timeout,
+            structured_output_workers=args.structured_output_workers,
+            speculative=speculative_config(args)), stall_timeout=args.engine_stall_timeout)
     except (ValueError, OSError) as exc:
         sys.exit(f"kvserve: cannot load {model_path}: {exc}")
     logger.info("model loaded in %.1fs", time.monotonic() - start)
     settings = Settings(model_path=model_path, served_model_names=args.served_model_name or [args.model or EMBEDDED_MODEL],
                         api_key=args.api_key, max_waiting_requests=args.max_waiting_requests, max_n=args.max_n,
-                        chat_template=chat_template, tool_call_parser=args.tool_call_parser)
+                        chat_template=chat_template, tool_call_parser=args.tool_call_parser, max_request_bytes=args.max_request_bytes)
     app = create_app(engine, settings)
-    # uvicorn re-raises SIGTERM/SIGINT once it has drained and stopped the engine; by then shutdown
-    # is complete, so make that a clean exit (status 0) instead of death by signal.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
-                access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
+                            access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=CLOSE_GRACE_S)
+    DrainingServer(config, app.state.kvserve, args.shutdown_timeout).run()
 
 
 class JSONFormatter(logging.Formatter):

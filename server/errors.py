@@ -7,10 +7,36 @@ against OpenAI parse every failure the same way.
 
 from __future__ import annotations
 
+import re
+
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           503: "server_overloaded"}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: what every non-2xx answer carries."""
+
+    error: ErrorInfo
+
+
+_MEANINGS = {400: "invalid request (the field is named in `param`)", 401: "missing or invalid API key",
+             404: "unknown model", 413: "request body larger than --max-request-bytes",
+             500: "generation failed", 503: "at capacity (see Retry-After) or engine stopped"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` entries for a route: each status with the OpenAI error body."""
+    return {status: {"model": ErrorResponse, "description": _MEANINGS[status]} for status in statuses}
 
 
 class APIError(Exception):
@@ -21,8 +47,7 @@ class APIError(Exception):
 
     def body(self) -> dict:
         kind = _TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
-        return {"error": {"message": self.message, "type": kind,
-                          "param": self.param, "code": self.code}}
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code)).model_dump()
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -36,4 +61,6 @@ def bad_request(exc: ValueError, renames: dict[str, str] | None = None) -> APIEr
     """
     param = getattr(exc, "param", None)
     param = {"prompt_token_ids": "prompt"}.get(param, param)
-    return APIError(400, str(exc), (renames or {}).get(param, param))
+    sent = (renames or {}).get(param, param)
+    message = str(exc) if sent == param else re.sub(rf"\b{param}\b", sent, str(exc))  # the message names it too
+    return APIError(400, message, sent)

@@ -8,13 +8,14 @@ the fields the ``openai`` client parses, plus vLLM's ``stop_reason``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, field_serializer, model_validator
 
 from engine import SamplingParams
+from engine.request import MAX_LOGPROBS
 from engine.structured import StructuredOutputParams
-from server.errors import APIError, bad_request
+from server.errors import APIError, ErrorResponse, bad_request, error_responses
 
 
 class Request(BaseModel):
@@ -52,40 +53,88 @@ def unencodable_text(value: Any, path: str = "") -> str | None:
     return None
 
 
+# Documented shapes of the fields validated by hand (structured_output(), ToolRequest), so /openapi.json
+# shows what they take while what they accept stays as it was. Booleans are StrictBool everywhere:
+# OpenAI refuses "yes" or 1 for a boolean, and pydantic's lax mode would read them as true.
+_OBJECT = {"type": "object", "additionalProperties": True}
+_JSON_SCHEMA = {"anyOf": [{**_OBJECT, "description": "a JSON Schema"}, {"type": "string", "description": "a JSON Schema as JSON text"}]}
+_RESPONSE_FORMAT = {"oneOf": [
+    {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
+    {"type": "object", "properties": {"type": {"const": "json_object"}}, "required": ["type"]},
+    {"type": "object", "required": ["type", "json_schema"], "properties": {
+        "type": {"const": "json_schema"},
+        "json_schema": {"type": "object", "required": ["schema"], "properties": {
+            "name": {"type": "string"}, "description": {"type": "string"}, "schema": _OBJECT,
+            "strict": {"type": "boolean"}}}}}]}
+_STRUCTURED_OUTPUTS = {"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+                       "description": "exactly one constraint", "properties": {
+                           "json": _JSON_SCHEMA, "json_schema": _JSON_SCHEMA, "json_object": {"const": True},
+                           "regex": {"type": "string"}, "grammar": {"type": "string", "description": "EBNF"},
+                           "choice": {"type": "array", "items": {"type": "string"}, "minItems": 1}}}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_PROMPT = {"anyOf": [{"type": "string", "minLength": 1},
+                     {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                     _TOKEN_IDS, {"type": "array", "minItems": 1, "items": _TOKEN_IDS}]}
+_FUNCTION_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,64}$"}
+_TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": _FUNCTION_NAME, "description": {"type": "string"},
+        "parameters": {**_OBJECT, "description": "a JSON Schema of the arguments"}, "strict": {"type": "boolean"}}}}}
+_TOOL_CHOICE = {"anyOf": [
+    {"enum": ["none", "auto", "required"]},
+    {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "properties": {"name": _FUNCTION_NAME}}}}]}
+
+
+
+def documented(default: Any = None, **schema: Any) -> Any:
+    """A field with JSON Schema keywords (its range, say) in the document only: the values are checked
+    where they are used (SamplingParams, the routes), one rule and one message for each."""
+    return Field(default, json_schema_extra=schema)
+
+
+ResponseFormat = Annotated[dict[str, Any], WithJsonSchema(_RESPONSE_FORMAT)]
+StructuredOutputs = Annotated[dict[str, Any], WithJsonSchema(_STRUCTURED_OUTPUTS)]
+Tools = Annotated[list[dict[str, Any]], WithJsonSchema({"type": "array", "items": _TOOL})]
+ToolChoice = Annotated[str | dict[str, Any], WithJsonSchema(_TOOL_CHOICE)]
+
+
 class StreamOptions(Request):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingRequest(Request):
     """The fields completions and chat share: OpenAI's sampling settings and vLLM's extras."""
 
     model: str | None = None
-    n: int = 1
-    stream: bool = False
+    n: int = documented(1, minimum=1)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    temperature: float | None = documented(minimum=0)
+    top_p: float | None = documented(exclusiveMinimum=0, maximum=1)
+    presence_penalty: float | None = documented(minimum=-2, maximum=2)
+    frequency_penalty: float | None = documented(minimum=-2, maximum=2)
+    logit_bias: dict[str, Annotated[float, Field(json_schema_extra={"minimum": -100, "maximum": 100})]] | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
+    top_k: int | None = documented(minimum=-1)
+    min_p: float | None = documented(minimum=0, maximum=1)
+    repetition_penalty: float | None = documented(exclusiveMinimum=0)
+    ignore_eos: StrictBool = False
     stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
     # Structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs.
-    response_format: dict[str, Any] | None = None
-    guided_json: dict[str, Any] | str | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: Annotated[dict[str, Any] | str, WithJsonSchema(_JSON_SCHEMA)] | None = None
     guided_regex: str | None = None
-    guided_grammar: str | None = None
-    guided_choice: list[str] | None = None
-    structured_outputs: dict[str, Any] | None = None
+    guided_grammar: str | None = Field(None, description="EBNF")
+    guided_choice: list[str] | None = documented(minItems=1)
+    structured_outputs: StructuredOutputs | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -99,7 +148,8 @@ class SamplingRequest(Request):
             if fmt.get("type") == "json_object":
                 asked.append(("response_format", {"json_object": True}))
             elif fmt.get("type") == "json_schema":
-                schema = (fmt.get("json_schema") or {}).get("schema")
+                spec = fmt.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
                 if not isinstance(schema, (dict, bool)):
                     raise APIError(400, "response_format.json_schema.schema must be a JSON Schema object", "response_format")
                 asked.append(("response_format", {"json_schema": schema}))
@@ -150,11 +200,17 @@ class SamplingRequest(Request):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Once upon a time", "max_tokens": 8},
+        {"prompt": ["Hello", "Goodbye"], "max_tokens": 4, "n": 2, "logprobs": 2, "echo": True, "seed": 1},
+        {"prompt": "The answer is", "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}},
+        {"prompt": "A JSON object:", "max_tokens": 4, "response_format": {"type": "json_object"}}]})
+
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_PROMPT)]
+    max_tokens: int | None = documented(16, minimum=1)
+    echo: StrictBool = False
+    logprobs: int | None = documented(minimum=0, maximum=MAX_LOGPROBS)
+    best_of: int | None = documented(minimum=1)
     suffix: str | None = None
 
 
@@ -184,29 +240,40 @@ class ChatMessage(Request):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 8},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 8,
+         "stream": True, "logprobs": True, "top_logprobs": 2},
+        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 16, "tool_choice": "auto",
+         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+             "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]},
+        {"messages": [{"role": "user", "content": "A person"}], "max_tokens": 16, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "person", "schema": {
+                "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}}]})
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    add_generation_prompt: bool = True
+    max_tokens: int | None = documented(minimum=1)
+    max_completion_tokens: int | None = documented(minimum=1)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = documented(minimum=0, maximum=MAX_LOGPROBS)
+    tools: Tools | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    add_generation_prompt: StrictBool = True
 
 
 class TokenizeRequest(Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    tools: list[dict[str, Any]] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    tools: Tools | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
 
 
 class DetokenizeRequest(Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0}})
 
 
 # --- responses ------------------------------------------------------------------------------
@@ -329,3 +396,40 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+def generation_responses(whole: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` of a generation route: the whole result as JSON or, with ``stream``, server-sent
+    events whose ``data`` is a chunk as JSON text (an error body if generation fails mid-stream), then ``[DONE]``."""
+    refs = [{"$ref": f"#/components/schemas/{model.__name__}"} for model in (chunk, ErrorResponse)]
+    payload = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": refs}}
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]}}}
+    return {200: {"model": whole, "content": {"text/event-stream": {"schema": event}}},
+            **error_responses(400, 401, 404, 413, 500, 503)}
+
+
+STREAMED_CHUNKS = (CompletionResponse, ChatCompletionChunk)  # only the SSE responses name them: not collected by FastAPI

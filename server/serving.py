@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 from engine import AsyncEngine, RequestOutput, SamplingParams, TokenLogprob
+from engine.structured import StructuredOutputParams
 from server.chat_template import ChatRenderer
 from server.errors import APIError, bad_request
 from server.metrics import Metrics
@@ -44,6 +46,7 @@ class Settings:
     chat_template: str | None = None
     tool_call_parser: str = "auto"  # or a name in server.tool_calls.SYNTAXES
     retry_after_s: int = 1
+    max_request_bytes: int = 4 << 20  # larger bodies get 413 (server/app.py BodyLimit)
 
 
 class ServerState:
@@ -58,8 +61,13 @@ class ServerState:
         # Sequences the engine can run at once plus the bounded queue behind them.
         self.capacity = engine.engine.config.max_num_seqs + settings.max_waiting_requests
         self.num_sequences = 0  # admitted engine requests not yet finished
+        self.compile_slots = asyncio.Semaphore(engine.engine.config.structured_output_workers)
+        self.draining = False  # SIGTERM came: admit nothing more (server/cli.py DrainingServer)
         self.token_text = lru_cache(maxsize=1 << 16)(lambda token_id: self.tokenizer.decode([token_id]))
-        self.metrics = Metrics(self.model_name, engine.stats)
+        self.metrics = Metrics(metrics_name(self.model_name), engine.stats)
+        # No token holds more UTF-8 bytes than its vocabulary entry spells (byte-level BPE: one char per
+        # byte; sentencepiece: "▁" or "<0x0A>" for one byte), so this bounds the bytes a token can cover.
+        self.longest_token_bytes = max(len(token.encode()) for token in self.tokenizer.get_vocab())
         self.chat = ChatRenderer(self.tokenizer, settings.chat_template)
         self.tool_syntax = (SYNTAXES[settings.tool_call_parser] if settings.tool_call_parser != "auto" else
                             detect_syntax(settings.chat_template or getattr(self.tokenizer, "chat_template", None)))
@@ -79,12 +87,29 @@ class ServerState:
             raise APIError(404, f"The model `{name}` does not exist. Served: {self.settings.served_model_names}",
                            "model", "model_not_found")
 
+    def check_fits(self, num_bytes: int, param: str) -> None:
+        """Refuse text that cannot fit in the context whatever its tokens, before tokenizing it (seconds
+        of a thread for a multi-megabyte prompt)."""
+        most = self.max_model_len * self.longest_token_bytes
+        if num_bytes > most:
+            raise APIError(400, f"{param} is {num_bytes} bytes of text; {self.max_model_len} tokens (max_model_len) "
+                                f"of at most {self.longest_token_bytes} bytes each cannot hold more than {most}", param)
+
     def check_n(self, n: int, param: str = "n") -> None:
         if not 1 <= n <= self.settings.max_n:
             raise APIError(400, f"{param} must be in [1, {self.settings.max_n}], got {n}", param)
 
+    def shutting_down(self) -> APIError:
+        """The 503 for generation the server will not do because it is shutting down: retryable,
+        elsewhere (the openai client retries a 503 by itself)."""
+        return APIError(503, "the server is shutting down; retry the request", code="server_shutting_down",
+                        headers={"Retry-After": str(self.settings.retry_after_s)})
+
     def admit(self, num_sequences: int) -> None:
-        """Reserve room for ``num_sequences`` or refuse with 503: the queue never grows unbounded."""
+        """Reserve room for ``num_sequences`` or refuse with 503: the queue never grows unbounded, and
+        a draining server takes nothing new."""
+        if self.draining:
+            raise self.shutting_down()
         if num_sequences > self.capacity:  # could never fit: retrying is pointless
             raise APIError(400, f"the request needs {num_sequences} sequences (prompts x n / best_of); "
                                 f"this server runs at most {self.capacity}", "n")
@@ -96,6 +121,28 @@ class ServerState:
 
     def release(self, num_sequences: int) -> None:
         self.num_sequences -= num_sequences
+
+    async def compile_grammar(self, spec: StructuredOutputParams, param: str) -> None:
+        """Compile off the event loop: a cache hit at once, a miss when a compile worker is free (so
+        a slow schema holds up only other compiles, never steps); a bad grammar is a 400 naming ``param``."""
+        structured = await asyncio.to_thread(lambda: self.engine.engine.structured)
+        start = time.perf_counter()
+        try:
+            if await asyncio.to_thread(structured.cached, spec):
+                self.metrics.labels(self.metrics.grammar_cache_hits).inc()
+            else:
+                async with self.compile_slots:
+                    await asyncio.to_thread(structured.compile, spec)
+        except ValueError as exc:
+            raise bad_request(exc, {spec.kind: param}) from None
+        self.metrics.labels(self.metrics.compile).observe(time.perf_counter() - start)
+
+
+def metrics_name(served_name: str) -> str:
+    """The ``model_name`` label: a served name that is a filesystem path (MODEL given as a folder or
+    file, no --served-model-name) by its last part, so the open /metrics never shows the server's paths."""
+    is_path = os.path.isabs(served_name) or os.path.exists(served_name)
+    return os.path.basename(os.path.abspath(served_name)) if is_path else served_name
 
 
 @dataclass
@@ -140,18 +187,16 @@ class Generation:
     async def create(cls, state: ServerState, prefix: str, choices: list[Choice],
                      renames: dict[str, str] | None = None, grammar_field: str | None = None) -> Generation:
         gen = cls(state, prefix, choices, renames)
+        state.admit(len(choices))  # a compile waits as part of its request: it counts against the queue limit
         spec = choices[0].params.structured_output
-        if spec is not None:  # compile off the event loop; a bad grammar is the client's 400
-            compiler = state.engine.engine.structured.compiler
-            cached_bytes, start = compiler.get_cache_size_bytes(), time.perf_counter()
+        if spec is not None:
             try:
-                await asyncio.to_thread(lambda: state.engine.engine.structured.compile(spec))
-            except ValueError as exc:
-                raise bad_request(exc, {spec.kind: grammar_field or spec.kind}) from None
-            state.metrics.labels(state.metrics.compile).observe(time.perf_counter() - start)
-            if compiler.get_cache_size_bytes() == cached_bytes:  # nothing new was cached: a hit
-                state.metrics.labels(state.metrics.grammar_cache_hits).inc()
-        state.admit(len(choices))
+                await state.compile_grammar(spec, grammar_field or spec.kind)
+            except BaseException:
+                state.release(len(choices))
+                raise
+            for choice in choices[1:]:
+                choice.params.structured_output.compiled = spec.compiled
         gen._admitted = True
         return gen
 
@@ -269,6 +314,8 @@ async def collect(request: Request, gen: Generation) -> list[ChoiceResult]:
     failed = [r for r in results.values() if r.finish_reason == "error"]
     if failed:
         raise APIError(500, f"generation failed: {failed[0].error}")
+    if any(r.finish_reason == "abort" for r in results.values()):  # only the shutdown timeout aborts a waiting caller
+        raise gen.state.shutting_down()
     return [results[i] for i in sorted(results)]
 
 

@@ -21,13 +21,13 @@ import jsonschema
 import xgrammar as xgr
 from xgrammar.structural_tag import JSONSchemaFormat, StructuralTag, TagFormat, TagsWithSeparatorFormat, TriggeredTagsFormat
 
+from engine.errors import InvalidRequestError
+from engine.schema_check import checked_schema
 from server.errors import APIError
 
 logger = logging.getLogger(__name__)
 
-# Longest run of blanks inside generated arguments: real models write compact JSON, and a model
-# that does not know JSON must not pad it forever.
-MAX_WHITESPACE = 4
+MAX_TOOLS = 128  # OpenAI's own limit; each tool's schema is also bounded (engine.schema_check)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,10 @@ class ToolRequest:
             raise APIError(400, "tool_choice needs tools: declare the functions the model may call", "tool_choice")
         if not tools:
             return None
-        names = [check_tool(i, tool) for i, tool in enumerate(tools)]
+        if len(tools) > MAX_TOOLS:
+            raise APIError(400, f"tools: {len(tools)} tools, over the limit of {MAX_TOOLS}", "tools")
+        tools = [check_tool(i, tool) for i, tool in enumerate(tools)]
+        names = [tool["function"]["name"] for tool in tools]
         choice = "auto" if tool_choice is None else tool_choice
         if isinstance(choice, str):
             if choice not in ("none", "auto", "required"):
@@ -108,8 +111,7 @@ class ToolRequest:
         if syntax.xgrammar_format is None:
             return self._list_tag(syntax)
         tag = xgr.get_model_structural_tag(syntax.xgrammar_format, tools=self.tools, tool_choice=self.choice,
-                                           reasoning="disabled", parallel_tool_calls=self.parallel,
-                                           max_whitespace_cnt=MAX_WHITESPACE)
+                                           reasoning="disabled", parallel_tool_calls=self.parallel)
         if self.choice != "required":
             return tag
         # xgrammar's "required" lets free text run before and between calls, and a small model then
@@ -122,8 +124,7 @@ class ToolRequest:
         named = self.choice if isinstance(self.choice, dict) else None
         tools = [t["function"] for t in self.tools if named is None or t["function"]["name"] == named["function"]["name"]]
         calls = [TagFormat(begin=f'{{"name": {json.dumps(f["name"])}, "{syntax.args_key}": ',
-                           content=JSONSchemaFormat(json_schema=f.get("parameters") or {"type": "object"},
-                                                    max_whitespace_cnt=MAX_WHITESPACE),
+                           content=JSONSchemaFormat(json_schema=f.get("parameters") or {"type": "object"}),
                            end="}") for f in tools]
         listed = TagFormat(begin=syntax.marker + "[", end="]", content=TagsWithSeparatorFormat(
             tags=calls, separator=", ", at_least_one=True, stop_after_first=named is not None or not self.parallel))
@@ -132,8 +133,9 @@ class ToolRequest:
         return StructuralTag(format=listed)
 
 
-def check_tool(index: int, tool: Any) -> str:
-    """A declared tool's name, or a 400 naming what is wrong with it."""
+def check_tool(index: int, tool: Any) -> dict:
+    """A declared tool with its parameters' schema as it will be compiled (engine.schema_check), or a
+    400 naming what is wrong with it."""
     param = f"tools.{index}"
     function = tool.get("function") if isinstance(tool, dict) else None
     if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
@@ -143,14 +145,17 @@ def check_tool(index: int, tool: Any) -> str:
         raise APIError(400, f"{param}.function.name: 1-64 letters, digits, '_', '.' or '-', got {name!r}",
                        f"{param}.function.name")
     parameters = function.get("parameters", {"type": "object"})
+    where = f"{param}.function.parameters"
     try:
         if not isinstance(parameters, dict):
             raise jsonschema.SchemaError("parameters must be a JSON Schema object")
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
+        parameters = checked_schema(parameters, where)
     except jsonschema.SchemaError as exc:
-        raise APIError(400, f"{param}.function.parameters is not a valid JSON Schema: {exc.message}",
-                       f"{param}.function.parameters") from None
-    return name
+        raise APIError(400, f"{where} is not a valid JSON Schema: {exc.message}", where) from None
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), where) from None
+    return {**tool, "function": {**function, "parameters": parameters}}
 
 
 # --- parsing ---------------------------------------------------------------------------------

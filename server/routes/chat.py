@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from engine import RequestOutput, TokenLogprob
 from engine.structured import StructuredOutputParams
+from server.chat_template import content_bytes
 from server.errors import APIError
 from server.protocol import (
     ChatChoice,
@@ -23,6 +26,7 @@ from server.protocol import (
     ToolCallDelta,
     ToolCallOut,
     TopLogprob,
+    generation_responses,
 )
 from server.serving import Choice, ChoiceResult, Generation, ServerState, collect, stream
 from server.tool_calls import ParserDelta, ToolCallParser, ToolRequest, finish_reason
@@ -84,16 +88,18 @@ def _message(state: ServerState, result: ChoiceResult, tools: ToolRequest | None
             finish_reason(result.finish_reason, parser.calls))
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.kvserve
     state.check_model(body.model)
     state.check_n(body.n)
     _check_unsupported(body)
-    tools = ToolRequest.from_body(body.tools, body.tool_choice, body.parallel_tool_calls)
+    tools = await asyncio.to_thread(ToolRequest.from_body, body.tools, body.tool_choice, body.parallel_tool_calls)
     structured, grammar_field = _constraint(state, body, tools)
     # tool_choice none: the tools are left out of the prompt too, so no call is possible.
-    prompt_ids = state.chat.render(body.messages, body.tools if tools else None, body.add_generation_prompt)
+    state.check_fits(content_bytes(body.messages), "messages")
+    prompt_ids = await asyncio.to_thread(state.chat.render, body.messages, body.tools if tools else None,
+                                         body.add_generation_prompt)
     keep_marker = tools is not None and state.tool_marker_is_special
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     sent = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from engine import RequestOutput, TokenLogprob
 from server.errors import APIError
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
+from server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    generation_responses,
+)
 from server.serving import Choice, ChoiceResult, Generation, ServerState, collect, stream
 
 router = APIRouter()
@@ -16,13 +25,17 @@ Entries = list[tuple[int, TokenLogprob | None]]  # (token id, its logprob; None 
 
 
 def prompts_of(state: ServerState, prompt: str | list) -> list[tuple[str | None, list[int]]]:
-    """The four prompt forms OpenAI allows -> (text if sent as text, token ids) per prompt."""
+    """The four prompt forms OpenAI allows -> (text if sent as text, token ids) per prompt. It tokenizes:
+    call it off the event loop."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", "prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
+    for text in prompt:
+        if isinstance(text, str):
+            state.check_fits(len(text.encode()), "prompt")
     return [(p, state.tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in prompt]
 
 
@@ -62,7 +75,7 @@ def _echo(state: ServerState, prompt: tuple[str | None, list[int]], prompt_logpr
     return prompt_text + text, prompt_entries + entries
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.kvserve
     state.check_model(body.model)
@@ -77,7 +90,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise APIError(400, "best_of > n cannot be streamed", "best_of")
     # best_of ranks by cumulative logprob, which the engine tracks only when logprobs are on.
     logprobs = body.logprobs if body.logprobs is not None or best_of == body.n else 0
-    prompts = prompts_of(state, body.prompt)
+    prompts = await asyncio.to_thread(prompts_of, state, body.prompt)
     choices = []
     for p, (_, ids) in enumerate(prompts):
         for i in range(best_of):

@@ -14,12 +14,16 @@ from server.serving import ServerState
 router = APIRouter()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> Response:
-    """200 while the engine thread runs; 503 once it has died (so orchestrators restart us)."""
-    engine = request.app.state.kvserve.engine
-    alive = engine.is_running
-    return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+    """200 "ok"; 503 once the engine thread has died ("engine stopped") or while a step runs past
+    --engine-stall-timeout ("engine stalled"), so orchestrators restart us, and from SIGTERM on
+    ("draining"), so load balancers send new work elsewhere while in-flight requests finish."""
+    state: ServerState = request.app.state.kvserve
+    engine = state.engine
+    status = ("engine stopped" if not engine.is_running else "engine stalled" if engine.stalled
+              else "draining" if state.draining else "ok")
+    return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
 
 
 @router.get("/version")

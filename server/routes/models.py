@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from server.errors import error_responses
+from server.protocol import ModelCard, ModelList
 from server.serving import ServerState
 
 router = APIRouter()
 
 
-@router.get("/v1/models")
-async def list_models(request: Request) -> dict:
+@router.get("/v1/models", responses=error_responses(401))
+async def list_models(request: Request) -> ModelList:
     state: ServerState = request.app.state.kvserve
-    return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": request.app.state.started, "owned_by": "kvserve",
-         "root": state.settings.model_path, "max_model_len": state.max_model_len}
-        for name in state.settings.served_model_names]}
+    return ModelList(data=[ModelCard(id=name, created=request.app.state.started, owned_by="kvserve",
+                                     root=state.settings.model_path, max_model_len=state.max_model_len)
+                           for name in state.settings.served_model_names])

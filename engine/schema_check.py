@@ -1,0 +1,166 @@
+"""JSON Schemas checked before they are compiled: bounded in size, and never compiled into a grammar
+whose output could break the schema as written.
+
+xgrammar takes an ``enum`` or ``const`` and ignores the ``type`` beside it, so
+``{"type": "boolean", "enum": ["True", "False"]}`` (16 of BFCL's 3,101 real functions have one)
+would produce ``"True"``, which the schema forbids. Here every enum value that the subschema's own
+other keywords reject is dropped; a subschema left with no value can never be satisfied. Then an
+optional property holding it is left out of the grammar (outputs omit it, and still validate), an
+``anyOf``/``oneOf`` branch is dropped, an array whose items are impossible can only be empty, and
+anything else is a 400 naming the keyword's path.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+
+from engine.errors import InvalidRequestError
+
+# Keywords that constrain a value on their own, against which enum/const values are checked.
+LOCAL_KEYWORDS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
+                  "maxLength", "pattern", "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties")
+SUBSCHEMA_MAPS = ("$defs", "definitions", "patternProperties", "dependentSchemas")
+SUBSCHEMA_LISTS = ("allOf", "prefixItems")  # (anyOf and oneOf: each branch may be dropped)
+SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+              "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+
+
+@dataclass(frozen=True)
+class SchemaLimits:
+    """What one schema may hold; each bounds the grammar's size and its compile time."""
+
+    max_bytes: int = 256 * 1024
+    max_depth: int = 64  # nested subschemas
+    max_enum: int = 4096  # values in one enum
+    max_properties: int = 1024  # properties of one object
+
+
+class Unsatisfiable(Exception):
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class OverLimit(Exception):
+    pass
+
+
+def checked_schema(schema: Any, param: str, limits: SchemaLimits = SchemaLimits()) -> Any:
+    """The schema to compile: ``schema`` with contradicting enum values and impossible optional
+    properties removed (a copy; the caller's is untouched). Raises InvalidRequestError naming
+    ``param`` and the path inside it for a schema over a limit or one no document satisfies."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(param, f"{param}: not valid JSON: {exc}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise InvalidRequestError(param, f"{param}: a JSON Schema is an object or a boolean")
+    try:
+        size = len(json.dumps(schema))
+        if size > limits.max_bytes:
+            raise OverLimit(f"the schema is {size} bytes, over the limit of {limits.max_bytes}")
+        schema = copy.deepcopy(schema)
+        _check(schema, "", 0, limits)
+    except RecursionError:
+        raise InvalidRequestError(param, f"{param}: the schema nests deeper than the limit of {limits.max_depth} "
+                                         "levels") from None
+    except Unsatisfiable as exc:
+        raise InvalidRequestError(param, f"{param}: no JSON document satisfies the schema: at "
+                                         f"{exc.path or '(root)'}, {exc.reason}") from None
+    except OverLimit as exc:
+        raise InvalidRequestError(param, f"{param}: {exc}") from None
+    return schema
+
+
+def _check(schema: Any, path: str, depth: int, limits: SchemaLimits) -> None:
+    """Normalize ``schema`` in place; raises Unsatisfiable when it accepts nothing."""
+    if schema is False:
+        raise Unsatisfiable(path, "the schema is `false`")
+    if not isinstance(schema, dict):
+        return
+    if depth > limits.max_depth:
+        raise OverLimit(f"the schema nests deeper than the limit of {limits.max_depth} levels")
+    _check_values(schema, path, limits)
+    nested = [(schema, key, f"{path}/{key}") for key in SUBSCHEMAS if key in schema]
+    nested += [(schema[key], i, f"{path}/{key}/{i}") for key in SUBSCHEMA_LISTS for i in range(len(schema.get(key) or []))]
+    nested += [(schema[key], name, f"{path}/{key}/{name}") for key in SUBSCHEMA_MAPS for name in schema.get(key) or {}]
+    for parent, key, where in nested:
+        if isinstance(parent[key], dict):  # `false` is meaningful here (no more items, no other keys)
+            try:
+                _check(parent[key], where, depth + 1, limits)
+            except Unsatisfiable:
+                if key != "items" or schema.get("minItems", 0) > 0:
+                    raise
+                del schema["items"]  # no item can exist: only the empty array
+                schema["maxItems"] = 0
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            _keep_satisfiable_branches(schema, key, path, depth, limits)
+    if isinstance(schema.get("properties"), dict):
+        _check_properties(schema, path, depth, limits)
+
+
+def _check_values(schema: dict, path: str, limits: SchemaLimits) -> None:
+    """enum/const against the subschema's own value keywords."""
+    local = {k: schema[k] for k in LOCAL_KEYWORDS if k in schema}
+    try:
+        validator = jsonschema.Draft202012Validator(local)
+        validator.check_schema(local)
+    except jsonschema.SchemaError:
+        return  # a malformed keyword is xgrammar's to report
+    if "const" in schema and not _valid(validator, schema["const"]):
+        raise Unsatisfiable(f"{path}/const", f"const {json.dumps(schema['const'])} contradicts {json.dumps(local)}")
+    if isinstance(schema.get("enum"), list):
+        values = schema["enum"]
+        if len(values) > limits.max_enum:
+            raise OverLimit(f"the enum at {path}/enum has {len(values)} values, over the limit of {limits.max_enum}")
+        kept = [v for v in values if _valid(validator, v)]
+        if not kept:
+            reason = "the enum is empty" if not values else f"every enum value contradicts {json.dumps(local)}"
+            raise Unsatisfiable(f"{path}/enum", reason)
+        schema["enum"] = kept
+
+
+def _valid(validator: jsonschema.Draft202012Validator, value: Any) -> bool:
+    try:
+        return validator.is_valid(value)
+    except re.error:  # a pattern Python cannot read (xgrammar may): keep the value
+        return True
+
+
+def _keep_satisfiable_branches(schema: dict, key: str, path: str, depth: int, limits: SchemaLimits) -> None:
+    kept, last_error = [], None
+    for i, branch in enumerate(schema[key]):
+        try:
+            _check(branch, f"{path}/{key}/{i}", depth + 1, limits)
+            kept.append(branch)
+        except Unsatisfiable as exc:
+            last_error = exc
+    if not kept:
+        raise last_error or Unsatisfiable(f"{path}/{key}", f"{key} is empty")
+    schema[key] = kept
+
+
+def _check_properties(schema: dict, path: str, depth: int, limits: SchemaLimits) -> None:
+    """An impossible optional property is left out, unless other keys may appear (then its name could
+    come back with any value, so the object itself is impossible)."""
+    properties = schema["properties"]
+    if len(properties) > limits.max_properties:
+        raise OverLimit(f"the object at {path or '(root)'} has {len(properties)} properties, over the limit of "
+                         f"{limits.max_properties}")
+    required = set(schema.get("required") or [])
+    closed = schema.get("additionalProperties", False) is False and not schema.get("patternProperties")
+    for name in list(properties):
+        try:
+            _check(properties[name], f"{path}/properties/{name}", depth + 1, limits)
+        except Unsatisfiable:
+            if name in required or not closed:
+                raise
+            del properties[name]
