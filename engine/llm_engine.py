@@ -23,10 +23,10 @@ from engine.models.loader import load_config, load_draft_config, load_model, loa
 from engine.outputs import EngineStats, RequestOutput, ScheduledRequest, SchedulerOutput, SpecStats
 from engine.errors import InvalidRequestError
 from engine.request import Request, SamplingParams
+from engine.grammar_worker import CompileLimits
 from engine.sampler import Sampler, token_logprobs
 from engine.scheduler import Scheduler
 from engine.speculative import DraftModelProposer, NgramProposer, Speculator
-from engine.grammar_worker import CompileLimits
 from engine.structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
