@@ -108,7 +108,10 @@ def _check(schema: Any, path: str, depth: int, limits: SchemaLimits) -> None:
 
 
 def _check_values(schema: dict, path: str, limits: SchemaLimits) -> None:
-    """enum/const against the subschema's own value keywords."""
+    """enum/const against the subschema's own value keywords (a validator only where one is there:
+    a meta-schema check per subschema would cost seconds on a schema of a thousand properties)."""
+    if "const" not in schema and "enum" not in schema:
+        return
     local = {k: schema[k] for k in LOCAL_KEYWORDS if k in schema}
     try:
         validator = jsonschema.Draft202012Validator(local)

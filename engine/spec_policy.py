@@ -22,6 +22,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 EMA = 0.2  # weight of the newest measurement
+OUTLIER = 2.0  # a measurement above this multiple of the average counts as this multiple
 PROBE_EVERY = 16  # steps a choice is held before the other extreme is tried; doubles while probes confirm it
 MAX_PROBE_EVERY = 512
 WARM_UP = 1  # first measurements of each kind per bucket dropped (new shapes: one-off allocations)
@@ -31,6 +32,13 @@ SWITCH_MARGIN = 0.1  # how much faster speculation must look than plain decoding
 
 def _ema(old: float | None, new: float) -> float:
     return new if old is None else (1 - EMA) * old + EMA * new
+
+
+def _cost_ema(old: float | None, new: float) -> float:
+    """A cost's moving average, one measurement counting as at most ``OUTLIER`` times the average: a
+    single stalled step (a GC pause, a busy neighbour) cannot flip the choice, while a lasting change
+    still moves it by up to 20% a step."""
+    return _ema(old, new if old is None else min(new, OUTLIER * old))
 
 
 class _Bucket:
@@ -100,12 +108,12 @@ class AdaptivePolicy:
         if k == 0:
             bucket.num_plain += 1
             if bucket.num_plain > WARM_UP:
-                bucket.plain_step = _ema(bucket.plain_step, step_seconds)
+                bucket.plain_step = _cost_ema(bucket.plain_step, step_seconds)
         elif bucket.plain_step is not None:
             bucket.num_spec += 1
             if bucket.num_spec > WARM_UP:
-                bucket.draft_forward = _ema(bucket.draft_forward, draft_seconds / k)
-                bucket.verify_step[k] = _ema(bucket.verify_step.get(k), step_seconds)
+                bucket.draft_forward = _cost_ema(bucket.draft_forward, draft_seconds / k)
+                bucket.verify_step[k] = _cost_ema(bucket.verify_step.get(k), step_seconds)
 
     def observe_acceptance(self, reached: list[int], accepted: list[int]) -> None:
         """Per draft position j in one step: how many requests had a draft there with every earlier one

@@ -42,6 +42,7 @@ class StructuredOutputParams:
     choice: list[str] | None = None
     structural_tag: Any = None  # an xgrammar StructuralTag (or its dict/JSON form), e.g. for tool calls
     compiled: xgr.CompiledGrammar | None = field(default=None, repr=False, compare=False)  # set by compile()
+    job: CompileJob | None = field(default=None, repr=False, compare=False)  # set by StructuredOutputs.job()
 
     def __post_init__(self) -> None:
         chosen = [name for name in ("json_schema", "regex", "grammar", "choice", "structural_tag")
@@ -88,8 +89,13 @@ class StructuredOutputs:
         self.pool = CompilePool(info, num_workers, limits)
 
     def job(self, spec: StructuredOutputParams) -> CompileJob:
-        """What the pool compiles (and caches by); a JSON Schema is checked first, and a source over
-        the size limit refused, both naming the parameter."""
+        """What the pool compiles (and caches by), made once per spec; a JSON Schema is checked first,
+        and a source over the size limit refused, both naming the parameter."""
+        if spec.job is None:
+            spec.job = self._make_job(spec)
+        return spec.job
+
+    def _make_job(self, spec: StructuredOutputParams) -> CompileJob:
         if spec.json_schema is not None:
             return CompileJob("json_schema", json.dumps(checked_schema(spec.json_schema, "json_schema", SchemaLimits())))
         if spec.json_object:

@@ -282,6 +282,22 @@ def test_policy_turns_speculation_back_on_only_for_a_clear_gain():
     assert policy.switches == 3  # off (it starts on), on, off
 
 
+def test_one_stalled_plain_step_does_not_turn_a_useless_draft_back_on():
+    """A GC pause or a busy neighbour makes one step 100x dearer; counted in full, it would make plain
+    decoding look 20x slower and speculation with nothing accepted look worth it."""
+    policy = AdaptivePolicy(max_k=4)
+    policy.acceptance = [0.0] * 4
+    for _ in range(4):
+        policy.observe_step(1, 0, 0.0, 0.01)
+        policy.observe_step(1, 4, 0.04, 0.012)
+    assert policy.choose(1) == 0
+    policy.observe_step(1, 0, 0.0, 1.0)
+    assert policy.choose(1) == 0 and policy.switches == 1
+    for _ in range(20):  # a lasting change still counts
+        policy.observe_step(1, 0, 0.0, 1.0)
+    assert policy.choose(1) > 0
+
+
 def test_engine_config_carries_the_speculative_settings(target):
     engine = LLMEngine(EngineConfig(model=str(target), speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=2)))
     assert engine.speculator.max_k == 2 and engine.speculator.policy is not None
