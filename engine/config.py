@@ -118,7 +118,7 @@ class EngineConfig:
     # Grammar compiles run in this many worker processes, each compile bounded in CPU seconds
     # (engine.grammar_worker); a compile over the bound is the client's 400.
     structured_output_workers: int = 1
-    structured_output_compile_timeout: float = 10.0
+    structured_output_compile_timeout: float = 5.0
     speculative: SpeculativeConfig | None = None
     # Default sampling parameters: "auto" from the model's generation_config.json (as vLLM), "vllm"
     # none (SamplingParams' own defaults), or another folder's generation_config.json.

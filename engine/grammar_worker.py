@@ -55,7 +55,7 @@ class CompileJob:
 
 @dataclass(frozen=True)
 class CompileLimits:
-    timeout_s: float = 10.0  # CPU seconds one compile may use
+    timeout_s: float = 5.0  # CPU seconds one compile may use
     memory_bytes: int = 2 << 30  # address space a worker may add to what it holds at start
     max_shortest_output: int = 65536  # characters: the shortest text the grammar admits
 

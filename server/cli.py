@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: launch every decode step's kernels from Python")
     grammar = p.add_argument_group("structured output")
-    grammar.add_argument("--structured-output-compile-timeout", type=float, default=10.0,
+    grammar.add_argument("--structured-output-compile-timeout", type=float, default=5.0,
                          help="CPU seconds one grammar compile may take (JSON Schema, regex, EBNF, tools); a "
                               "longer one is stopped and its request refused with 400")
     grammar.add_argument("--structured-output-workers", type=int, default=1,
