@@ -327,29 +327,47 @@ async def _disconnected(request: Request) -> None:
 
 def stream(gen: Generation, make_chunk: Callable[[Choice, RequestOutput, bool], BaseModel | None],
            usage_chunk: Callable[[Usage], BaseModel] | None) -> StreamingResponse:
-    """SSE: one ``data: {chunk}`` per useful delta, the usage chunk if asked, then ``data: [DONE]``.
+    """OpenAI's SSE: one ``data: {chunk}`` per useful delta, the usage chunk if asked, then ``data: [DONE]``.
+    ``make_chunk(choice, delta, first)`` formats a delta (None: nothing worth sending)."""
 
-    ``make_chunk(choice, delta, first)`` formats a delta (None: nothing worth sending). A client
-    disconnect cancels this generator, which closes the generation and aborts its engine requests.
-    """
+    async def chunks(deltas: AsyncIterator[tuple[Choice, RequestOutput]]) -> AsyncIterator[str]:
+        started: set[int] = set()
+        async for choice, out in deltas:
+            chunk = make_chunk(choice, out, choice.index not in started)
+            started.add(choice.index)
+            if chunk is not None:
+                yield f"data: {chunk.model_dump_json()}\n\n"
+        if usage_chunk is not None:
+            yield f"data: {usage_chunk(gen.usage()).model_dump_json()}\n\n"
+
+    def error(message: str) -> str:
+        return f"data: {json.dumps(APIError(500, message).body())}\n\n"
+
+    return event_stream(gen, chunks, error, done="data: [DONE]\n\n")
+
+
+def event_stream(gen: Generation, render: Callable[[AsyncIterator[tuple[Choice, RequestOutput]]], AsyncIterator[str]],
+                 error: Callable[[str], str], done: str = "") -> StreamingResponse:
+    """A server-sent event stream of ``gen``: ``render`` turns its deltas into events (each API has
+    its own); a failure after the 200 is reported in-band as ``error(message)``, then ``done``.
+    A client disconnect cancels the body, which closes the generation and aborts its engine requests."""
+
+    async def deltas(events: AsyncIterator[tuple[Choice, RequestOutput]]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        async for choice, out in events:
+            if out.finish_reason == "error":
+                raise RuntimeError(out.error)
+            yield choice, out
 
     async def body() -> AsyncIterator[str]:
-        started: set[int] = set()
         try:
             async with contextlib.aclosing(gen.events()) as events:
-                async for choice, out in events:
-                    if out.finish_reason == "error":
-                        raise RuntimeError(out.error)
-                    chunk = make_chunk(choice, out, choice.index not in started)
-                    started.add(choice.index)
-                    if chunk is not None:
-                        yield f"data: {chunk.model_dump_json()}\n\n"
-            if usage_chunk is not None:
-                yield f"data: {usage_chunk(gen.usage()).model_dump_json()}\n\n"
+                async for text in render(deltas(events)):
+                    yield text
         except Exception as exc:  # the 200 is already sent: report in-band, as OpenAI does
             logger.exception("%s failed", gen.id)
-            yield f"data: {json.dumps(APIError(500, f'generation failed: {exc}').body())}\n\n"
-        yield "data: [DONE]\n\n"
+            yield error(f"generation failed: {exc}")
+        if done:
+            yield done
 
     # The background close covers a client that left before the body generator ever started.
     return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(gen.close))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -77,27 +78,50 @@ def _count_unfinished_calls(state: ServerState, parser: ToolCallParser) -> None:
         state.metrics.labels(state.metrics.tool_call_parse_failures).inc(unfinished)
 
 
-def _message(state: ServerState, result: ChoiceResult, tools: ToolRequest | None) -> tuple[ChatMessageOut, str | None]:
-    if tools is None:
-        return ChatMessageOut(content=result.text), result.finish_reason
-    parser = ToolCallParser(state.tool_syntax)
-    parser.feed(result.text, final=True)
-    _count_unfinished_calls(state, parser)
-    calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in parser.calls]
-    return (ChatMessageOut(content=parser.content or (None if calls else ""), tool_calls=calls or None),
-            finish_reason(result.finish_reason, parser.calls))
+@dataclass
+class ChatRun:
+    """A chat generation admitted and compiled: what /v1/chat/completions, /v1/responses and
+    /v1/messages share. ``tools`` is None when no call is possible (no tools, or tool_choice none)."""
+
+    gen: Generation
+    choices: list[Choice]
+    tools: ToolRequest | None
+    token_bytes: list[bytes]
+    parsers: dict[int, ToolCallParser] = field(default_factory=dict)  # choice index -> its streaming parser
+
+    def message(self, state: ServerState, result: ChoiceResult) -> tuple[str | None, list[ToolCallOut], str | None]:
+        """A finished choice's text, its tool calls (parsed from the text) and finish reason."""
+        if self.tools is None:
+            return result.text, [], result.finish_reason
+        parser = ToolCallParser(state.tool_syntax)
+        parser.feed(result.text, final=True)
+        _count_unfinished_calls(state, parser)
+        calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in parser.calls]
+        return parser.content or (None if calls else ""), calls, finish_reason(result.finish_reason, parser.calls)
+
+    def delta(self, state: ServerState, choice: Choice, out: RequestOutput) -> tuple[ParserDelta, str | None]:
+        """A streamed delta's text and tool-call pieces, and the choice's finish reason ("tool_calls"
+        when it made calls); the parser of each choice is kept across its deltas."""
+        if self.tools is None:
+            return ParserDelta(content=out.new_text), out.finish_reason
+        parser = self.parsers.setdefault(choice.index, ToolCallParser(state.tool_syntax))
+        parsed = parser.feed(out.new_text, final=out.finished)
+        if out.finished:
+            _count_unfinished_calls(state, parser)
+        return parsed, finish_reason(out.finish_reason, parser.calls)
 
 
-@router.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    state: ServerState = request.app.state.kvserve
+async def start_chat(state: ServerState, body: ChatCompletionRequest, renames: dict[str, str] | None = None) -> ChatRun:
+    """Validate, render the prompt, build the grammar (response_format or tool calls), admit.
+    ``renames`` maps chat's parameter names onto the caller's API's for error messages."""
+    renames = renames or {}
     state.check_model(body.model)
     state.check_n(body.n)
     _check_unsupported(body)
     tools = await asyncio.to_thread(ToolRequest.from_body, body.tools, body.tool_choice, body.parallel_tool_calls)
     structured, grammar_field = _constraint(state, body, tools)
     # tool_choice none: the tools are left out of the prompt too, so no call is possible.
-    state.check_fits(content_bytes(body.messages), "messages")
+    state.check_fits(content_bytes(body.messages), renames.get("messages", "messages"))
     prompt_ids = await asyncio.to_thread(state.chat.render, body.messages, body.tools if tools else None,
                                          body.add_generation_prompt)
     keep_marker = tools is not None and state.tool_marker_is_special
@@ -105,25 +129,27 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     sent = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     room = max(1, state.max_model_len - len(prompt_ids))  # up to the context, or the model's recommendation
     max_tokens = sent if sent is not None else min(room, state.default_sampling.get("max_tokens", room))
-    renames = {"prompt": "messages", "max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
+    renames = {"prompt": "messages", "max_tokens": max_tokens_param, "logprobs": "top_logprobs"} | renames
     choices = [Choice(i, 0, prompt_ids, body.sampling_params(
         state.default_sampling, renames, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         seed=None if body.seed is None else body.seed + i, structured_output=structured,
         skip_special_tokens=False if keep_marker else body.skip_special_tokens)) for i in range(body.n)]
     token_bytes = await state.token_bytes() if body.logprobs else []
-    gen = await Generation.create(state, "chatcmpl", choices, renames, grammar_field)
+    gen = await Generation.create(state, "chatcmpl", choices, renames, renames.get(grammar_field, grammar_field))
+    return ChatRun(gen, choices, tools, token_bytes)
+
+
+@router.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state: ServerState = request.app.state.kvserve
+    run = await start_chat(state, body)
+    gen, token_bytes = run.gen, run.token_bytes
 
     if body.stream:
-        parsers = {choice.index: ToolCallParser(state.tool_syntax) for choice in choices} if tools else {}
 
         def chunk(choice: Choice, out: RequestOutput, first: bool) -> ChatCompletionChunk | None:
-            content, calls, reason = out.new_text, None, out.finish_reason
-            if tools is not None:
-                parsed = parsers[choice.index].feed(out.new_text, final=out.finished)
-                content, calls = parsed.content, _call_deltas(parsed)
-                if out.finished:
-                    _count_unfinished_calls(state, parsers[choice.index])
-                reason = finish_reason(out.finish_reason, parsers[choice.index].calls)
+            parsed, reason = run.delta(state, choice, out)
+            content, calls = parsed.content, _call_deltas(parsed)
             if not (first or content or calls or out.new_logprobs or out.finished):
                 return None
             delta = ChatDelta(role="assistant" if first else None, content=content or ("" if first else None),
@@ -139,9 +165,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         return stream(gen, chunk, usage_chunk if body.include_usage else None)
 
     results = await collect(request, gen)
-    messages = [_message(state, r, tools) for r in results]
+    messages = [run.message(state, r) for r in results]
     response = ChatCompletionResponse(id=gen.id, created=gen.created, model=state.model_name, usage=gen.usage(), choices=[
-        ChatChoice(index=r.choice.index, message=message, finish_reason=reason, stop_reason=r.stop_reason,
+        ChatChoice(index=r.choice.index, message=ChatMessageOut(content=content, tool_calls=calls or None),
+                   finish_reason=reason, stop_reason=r.stop_reason,
                    logprobs=chat_logprobs(token_bytes, r.token_ids, r.logprobs) if body.logprobs else None)
-        for r, (message, reason) in zip(results, messages)])
+        for r, (content, calls, reason) in zip(results, messages)])
     return Response(response.model_dump_json(), media_type="application/json")
