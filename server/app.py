@@ -18,12 +18,12 @@ from engine import AsyncEngine
 from server.errors import APIError
 from server.metrics import HTTPMetrics
 from server.protocol import STREAMED_CHUNKS
-from server.routes import chat, completions, health, models, tokenize
+from server.routes import chat, completions, health, models, responses, tokenize
 from server.serving import ServerState, Settings
 
 logger = logging.getLogger("kvserve.server")
 
-ROUTE_MODULES = (completions, chat, models, health, tokenize)
+ROUTE_MODULES = (completions, chat, responses, models, health, tokenize)
 OPEN_PATHS = {"/health", "/version", "/metrics"}  # probes and scrapers work without the key
 MAX_REQUEST_ID = 128
 

@@ -39,6 +39,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
             item["content"] = "\n".join(part.text or "" for part in message.content)
         if message.role == "developer":  # OpenAI's newer name for the system turn
             item["role"] = "system"
+        item.setdefault("content", "")  # an assistant turn of only tool calls: templates index its content
         rendered.append(item)
     return rendered
 
@@ -66,13 +67,14 @@ For each function call, return a json object with function name and arguments wi
 
 
 def hermes_tool_turns(conversation: list[dict], tools: list[dict]) -> list[dict]:
-    """The conversation with tools, calls and results written out as Hermes-style text."""
-    prompt = HERMES_TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
+    """The conversation with tools (if any), calls and results written out as Hermes-style text."""
     turns = [dict(turn) for turn in conversation]
-    if turns and turns[0]["role"] == "system":
-        turns[0]["content"] = f"{turns[0].get('content') or ''}\n\n{prompt}".lstrip()
-    else:
-        turns.insert(0, {"role": "system", "content": prompt})
+    if tools:
+        prompt = HERMES_TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
+        if turns and turns[0]["role"] == "system":
+            turns[0]["content"] = f"{turns[0].get('content') or ''}\n\n{prompt}".lstrip()
+        else:
+            turns.insert(0, {"role": "system", "content": prompt})
     for turn in turns:
         calls = turn.pop("tool_calls", None)
         if calls:
@@ -106,8 +108,9 @@ class ChatRenderer:
             raise APIError(400, "this model's tokenizer has no chat template; restart the server with "
                                 "--chat-template PATH or use /v1/completions", "messages")
         conversation = template_messages(messages)
-        if tools and not self.renders_tools:
-            conversation, tools = hermes_tool_turns(conversation, tools), None
+        tool_turns = any(turn.get("tool_calls") or turn["role"] == "tool" for turn in conversation)
+        if (tools or tool_turns) and not self.renders_tools:  # earlier calls stay in view with tool_choice none too
+            conversation, tools = hermes_tool_turns(conversation, tools or []), None
         try:
             text = self._text(conversation, tools, add_generation_prompt)
         except Exception as exc:  # templates raise jinja errors for conversations they refuse (e.g. role order)

@@ -8,9 +8,19 @@ the fields the ``openai`` client parses, plus vLLM's ``stop_reason``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, field_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
+    WithJsonSchema,
+    field_serializer,
+    model_serializer,
+    model_validator,
+)
 
 from engine import SamplingParams
 from engine.request import MAX_LOGPROBS
@@ -277,6 +287,21 @@ class DetokenizeRequest(Request):
 
 
 # --- responses ------------------------------------------------------------------------------
+class OmitsNone(BaseModel):
+    """The fields named in ``omitted_when_none`` are left out of the body while None: OpenAI's schema
+    has them optional but not nullable (usage on a stream's chunks, tool_calls on a message)."""
+
+    omitted_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name in self.omitted_when_none:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -298,8 +323,10 @@ class CompletionChoice(BaseModel):
     stop_reason: str | int | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(OmitsNone):
     """A whole completion, or (``usage`` None) one streamed chunk: OpenAI uses the same shape."""
+
+    omitted_when_none = ("usage",)
 
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -321,6 +348,7 @@ class ChatTokenLogprob(TopLogprob):
 
 class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
+    refusal: None = None  # kvserve never refuses; OpenAI's schema requires the field
 
 
 class FunctionCallOut(BaseModel):
@@ -334,9 +362,12 @@ class ToolCallOut(BaseModel):
     function: FunctionCallOut
 
 
-class ChatMessageOut(BaseModel):
+class ChatMessageOut(OmitsNone):
+    omitted_when_none = ("tool_calls",)
+
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: None = None
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -389,7 +420,9 @@ class ChatChunkChoice(BaseModel):
         return delta.model_dump(exclude_none=True)
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(OmitsNone):
+    omitted_when_none = ("usage",)
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int

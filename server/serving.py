@@ -29,6 +29,7 @@ from server.chat_template import ChatRenderer
 from server.errors import APIError, bad_request
 from server.metrics import Metrics
 from server.protocol import Usage
+from server.responses import ResponseStore
 from server.tool_calls import SYNTAXES, detect_syntax
 
 logger = logging.getLogger("kvserve.requests")
@@ -69,6 +70,7 @@ class ServerState:
         # byte; sentencepiece: "▁" or "<0x0A>" for one byte), so this bounds the bytes a token can cover.
         self.longest_token_bytes = max(len(token.encode()) for token in self.tokenizer.get_vocab())
         self.chat = ChatRenderer(self.tokenizer, settings.chat_template)
+        self.responses = ResponseStore()  # the Responses API's stored responses
         self.tool_syntax = (SYNTAXES[settings.tool_call_parser] if settings.tool_call_parser != "auto" else
                             detect_syntax(settings.chat_template or getattr(self.tokenizer, "chat_template", None)))
         # A marker that is a special token (mistral's [TOOL_CALLS]) must survive detokenization.

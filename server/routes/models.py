@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from server.errors import error_responses
+from server.errors import APIError, error_responses
 from server.protocol import ModelCard, ModelList
 from server.serving import ServerState
 
@@ -17,3 +17,12 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=name, created=request.app.state.started, owned_by="kvserve",
                                      root=state.settings.model_path, max_model_len=state.max_model_len)
                            for name in state.settings.served_model_names])
+
+
+@router.get("/v1/models/{model_id:path}", responses=error_responses(401, 404))
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    """One served model (``client.models.retrieve``); an unknown id is OpenAI's 404."""
+    for card in (await list_models(request)).data:
+        if card.id == model_id:
+            return card
+    raise APIError(404, f"the model {model_id!r} does not exist", "model", code="model_not_found")
