@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import AsyncEngine
@@ -167,7 +168,12 @@ def create_app(engine: AsyncEngine, settings: Settings) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette's Allow names one route's methods; a path may have several routes
+            allowed = {method for route in app.routes if route.matches(request.scope)[0] == Match.PARTIAL
+                       for method in getattr(route, "methods", None) or ()}
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return APIError(exc.status_code, str(exc.detail), headers=headers).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
