@@ -19,7 +19,18 @@ from typing import Any
 
 import jsonschema
 import xgrammar as xgr
-from xgrammar.structural_tag import JSONSchemaFormat, StructuralTag, TagFormat, TagsWithSeparatorFormat, TriggeredTagsFormat
+from xgrammar.structural_tag import (
+    ConstStringFormat,
+    JSONSchemaFormat,
+    OptionalFormat,
+    OrFormat,
+    SequenceFormat,
+    StarFormat,
+    StructuralTag,
+    TagFormat,
+    TagsWithSeparatorFormat,
+    TriggeredTagsFormat,
+)
 
 from engine.errors import InvalidRequestError
 from engine.schema_check import checked_schema
@@ -115,9 +126,20 @@ class ToolRequest:
         if self.choice != "required":
             return tag
         # xgrammar's "required" lets free text run before and between calls, and a small model then
-        # talks until max_tokens; required means calls only, as OpenAI and vLLM do it.
-        return StructuralTag(format=TagsWithSeparatorFormat(tags=tag.format.tags, separator="\n", at_least_one=True,
-                                                            stop_after_first=not self.parallel))
+        # talks until max_tokens; required means calls only, as OpenAI and vLLM do it. After each call
+        # the model may end, with or without a newline: a separator that had to be followed by another
+        # call made models that like a newline there (SmolLM2) repeat their call.
+        tags = tag.format.tags
+        call = tags[0] if len(tags) == 1 else OrFormat(elements=tags)
+        if self.parallel:
+            call = SequenceFormat(elements=[call, StarFormat(content=SequenceFormat(
+                elements=[ConstStringFormat(value="\n"), call]))])
+        return StructuralTag(format=SequenceFormat(elements=[call, OptionalFormat(content=ConstStringFormat(value="\n"))]))
+
+    @property
+    def calls_only(self) -> bool:
+        """required or a named function: the grammar admits nothing but calls (and blanks)."""
+        return self.choice != "auto"
 
     def _list_tag(self, syntax: ToolSyntax) -> StructuralTag:
         """For list syntaxes (mistral), which xgrammar has no builder for: marker, '[', calls, ']'."""
@@ -187,8 +209,9 @@ class ToolCallParser:
     """Feed output text as it comes; each ``feed`` returns only what is new. Content is the text
     outside calls (blanks next to a call dropped, partial markers held back until they resolve)."""
 
-    def __init__(self, syntax: ToolSyntax):
+    def __init__(self, syntax: ToolSyntax, calls_only: bool = False):
         self.syntax = syntax
+        self.calls_only = calls_only  # the grammar allows calls only: no text is content (a cut marker included)
         self._head = syntax.head()
         self._close = re.compile(syntax.close)
         self._list_open = re.compile(syntax.list_open) if syntax.list_open else None
@@ -253,7 +276,7 @@ class ToolCallParser:
             if pos is None:  # a call still being written
                 break
             self._settled = (pos, list(segments), list(calls))
-        content = "\n".join(s for s in segments if s)
+        content = "" if self.calls_only else "\n".join(s for s in segments if s)
         return content, calls
 
     def _scan_calls(self, text: str, pos: int, calls: list[ParsedCall]) -> int | None:

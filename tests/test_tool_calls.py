@@ -8,6 +8,7 @@ import random
 
 import jsonschema
 import pytest
+import xgrammar as xgr
 
 from engine import LLM, SamplingParams
 from engine.structured import StructuredOutputParams
@@ -138,3 +139,44 @@ def test_every_syntax_grammar_yields_valid_calls(llm, syntax, choice):
         call = parser.calls[0]
         assert isinstance(choice, str) or call.name == "add"
         jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("syntax", ["hermes", "llama3_json"])
+def test_after_a_required_call_a_newline_may_end_the_output(llm, syntax, parallel):
+    """The grammar itself: after a call and a newline the output may stop (a second call may follow
+    only when parallel calls are allowed); the newline is never a separator that forces one."""
+    tag = ToolRequest([TOOLS[1]], "required", parallel=parallel).structural_tag(SYNTAXES[syntax])
+    grammar = llm.engine.structured.compile(StructuredOutputParams(structural_tag=tag))
+    call = {"hermes": '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
+            "llama3_json": '{"name": "add", "parameters": {"a": 1, "b": 2}}'}[syntax]
+    for written in (call, call + "\n", call + "\n" + call):
+        matcher = xgr.GrammarMatcher(grammar)
+        allowed = parallel or written.count(call) == 1
+        assert matcher.accept_string(written) is allowed, written
+        assert matcher.is_completed() or not allowed, written
+
+
+def test_required_calls_end_when_the_model_prefers_a_newline(llm):
+    """Sampled: a model that likes a newline after its call (biased here, as SmolLM2 does by itself)
+    writes it and stops with its one call."""
+    tokenizer = llm.engine.tokenizer
+    bias = {tokenizer.encode("\n", add_special_tokens=False)[0]: 100.0}
+    tag = ToolRequest([TOOLS[1]], "required", parallel=True).structural_tag(SYNTAXES["hermes"])
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=0, logit_bias=bias, skip_special_tokens=False,
+                            structured_output=StructuredOutputParams(structural_tag=tag))
+    out = llm.generate(["Add two numbers."], params)[0]
+    parser = ToolCallParser(SYNTAXES["hermes"], calls_only=True)
+    parser.feed(out.text, final=True)
+    assert out.text.endswith("</tool_call>\n") and out.finish_reason == "stop", out.text
+    assert len(parser.calls) == 1 and parser.calls[0].complete and parser.content == ""
+
+
+def test_a_cut_marker_is_not_content_when_only_calls_are_allowed():
+    text = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n<'
+    parser = ToolCallParser(SYNTAXES["hermes"], calls_only=True)
+    parser.feed(text, final=True)
+    assert parser.content == "" and len(parser.calls) == 1
+    free = ToolCallParser(SYNTAXES["hermes"])
+    free.feed(text, final=True)
+    assert free.content == "<"  # in auto mode the text could be the model's own

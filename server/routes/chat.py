@@ -93,7 +93,7 @@ class ChatRun:
         """A finished choice's text, its tool calls (parsed from the text) and finish reason."""
         if self.tools is None:
             return result.text, [], result.finish_reason
-        parser = ToolCallParser(state.tool_syntax)
+        parser = ToolCallParser(state.tool_syntax, self.tools.calls_only)
         parser.feed(result.text, final=True)
         _count_unfinished_calls(state, parser)
         calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in parser.calls]
@@ -104,7 +104,7 @@ class ChatRun:
         when it made calls); the parser of each choice is kept across its deltas."""
         if self.tools is None:
             return ParserDelta(content=out.new_text), out.finish_reason
-        parser = self.parsers.setdefault(choice.index, ToolCallParser(state.tool_syntax))
+        parser = self.parsers.setdefault(choice.index, ToolCallParser(state.tool_syntax, self.tools.calls_only))
         parsed = parser.feed(out.new_text, final=out.finished)
         if out.finished:
             _count_unfinished_calls(state, parser)
