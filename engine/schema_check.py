@@ -22,6 +22,27 @@ import jsonschema
 
 from engine.errors import InvalidRequestError
 
+# Keywords xgrammar's JSON Schema grammar enforces (strictly: additional properties are closed and
+# properties come in the declared order, which every document it writes satisfies), and annotations.
+ENFORCED = frozenset({
+    "type", "properties", "required", "additionalProperties", "patternProperties", "propertyNames", "minProperties",
+    "maxProperties", "items", "prefixItems", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "$ref", "$defs",
+    "definitions", "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "multipleOf", "format", "unevaluatedProperties", "unevaluatedItems", "uniqueItems"})  # (the last: when false)
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "$anchor",
+                         "deprecated", "readOnly", "writeOnly", "contentMediaType", "contentEncoding", "strict"})
+# Formats xgrammar checks exactly; date, time, date-time and ipv4 (xgrammar's admit 2024-02-31, second
+# 60 at any minute, 01.2.3.4) become the exact patterns below.
+EXACT_FORMATS = frozenset({"email", "uuid", "ipv6", "uri", "hostname"})
+_YEAR = "([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"  # 0001-9999, as Python's date
+_LEAP_YEAR = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|([2468][048]|[13579][26]|0[48])00)"
+_DATE = (f"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|"
+         f"02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)")
+# (xgrammar 0.2.9 misreads an optional group "(\\.[0-9]{1,6})?": it admits "418Z"; "(|...)" it reads right)
+_TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](|\\.[0-9]{1,6})(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$", "ipv4": f"^{_OCTET}(\\.{_OCTET}){{3}}$"}
+
 # Keywords that constrain a value on their own, against which enum/const values are checked.
 LOCAL_KEYWORDS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
                   "maxLength", "pattern", "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties")
@@ -51,10 +72,12 @@ class OverLimit(Exception):
     pass
 
 
-def checked_schema(schema: Any, param: str, limits: SchemaLimits = SchemaLimits()) -> Any:
+def checked_schema(schema: Any, param: str, limits: SchemaLimits = SchemaLimits(), best_effort: bool = False) -> Any:
     """The schema to compile: ``schema`` with contradicting enum values and impossible optional
-    properties removed (a copy; the caller's is untouched). Raises InvalidRequestError naming
-    ``param`` and the path inside it for a schema over a limit or one no document satisfies."""
+    properties removed and exact patterns for the formats xgrammar checks loosely (a copy; the
+    caller's is untouched). Raises InvalidRequestError naming ``param`` and the path inside it for a
+    schema over a limit, one no document satisfies, or (unless ``best_effort``) one with a keyword
+    the grammar cannot enforce."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -76,7 +99,67 @@ def checked_schema(schema: Any, param: str, limits: SchemaLimits = SchemaLimits(
                                          f"{exc.path or '(root)'}, {exc.reason}") from None
     except OverLimit as exc:
         raise InvalidRequestError(param, f"{param}: {exc}") from None
+    unenforced = [] if best_effort else unenforced_keywords(schema)
+    if unenforced:
+        raise InvalidRequestError(param, f"{param}: the grammar cannot enforce {', '.join(unenforced[:5])}; remove "
+                                         "it, or set strict: false to accept output that may break it")
     return schema
+
+
+def unenforced_keywords(schema: Any, path: str = "") -> list[str]:
+    """JSON pointers of the keywords xgrammar's grammar would not enforce (it ignores them, or,
+    for a loose format, admits text the format forbids): measured on xgrammar 0.2.9 by
+    tests/test_schema_keywords.py."""
+    if not isinstance(schema, dict):
+        return []
+    found = [f"{path}/{key}" for key in schema if key not in ENFORCED and key not in ANNOTATIONS
+             and not key.startswith("x-")]  # (OpenAPI's extensions annotate)
+    if schema.get("uniqueItems") is True:
+        found.append(f"{path}/uniqueItems")
+    if "multipleOf" in schema and not (schema.get("type") == "integer" and isinstance(schema["multipleOf"], int)):
+        found.append(f"{path}/multipleOf")
+    if "pattern" in schema:
+        found += [f"{path}/{key}" for key in ("minLength", "maxLength") if key in schema]  # xgrammar drops the length
+    if "format" in schema and schema["format"] not in EXACT_FORMATS:
+        found.append(f"{path}/format")
+    if isinstance(schema.get("oneOf"), list) and not _disjoint(schema["oneOf"]):
+        found.append(f"{path}/oneOf")  # read as anyOf: a document matching two branches would pass
+    for child, where in _subschemas(schema, path):
+        found += unenforced_keywords(child, where)
+    return found
+
+
+def _subschemas(schema: dict, path: str) -> list[tuple[Any, str]]:
+    children = [(schema[key], f"{path}/{key}") for key in SUBSCHEMAS if key in schema]
+    children += [(item, f"{path}/{key}/{i}") for key in (*SUBSCHEMA_LISTS, "anyOf", "oneOf")
+                 if isinstance(schema.get(key), list) for i, item in enumerate(schema[key])]
+    children += [(item, f"{path}/{key}/{name}") for key in (*SUBSCHEMA_MAPS, "properties")
+                 if isinstance(schema.get(key), dict) for name, item in schema[key].items()]
+    return children
+
+
+def _disjoint(branches: list[Any]) -> bool:
+    """True when no value can match two branches: each pair differs in type (integer within number)
+    or in the values its const/enum allows."""
+    def types(branch: Any) -> set[str] | None:
+        kind = branch.get("type") if isinstance(branch, dict) else None
+        kinds = {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else None
+        return kinds | {"integer"} if kinds and "number" in kinds else kinds
+
+    def values(branch: Any) -> list | None:
+        if not isinstance(branch, dict):
+            return None
+        return [branch["const"]] if "const" in branch else branch.get("enum") if isinstance(branch.get("enum"), list) else None
+
+    for i, a in enumerate(branches):
+        for b in branches[i + 1:]:
+            ta, tb, va, vb = types(a), types(b), values(a), values(b)
+            if ta is not None and tb is not None and not ta & tb:
+                continue
+            if va is not None and vb is not None and not any(json.dumps(x) == json.dumps(y) for x in va for y in vb):
+                continue
+            return False
+    return True
 
 
 def _check(schema: Any, path: str, depth: int, limits: SchemaLimits) -> None:
@@ -88,6 +171,8 @@ def _check(schema: Any, path: str, depth: int, limits: SchemaLimits) -> None:
     if depth > limits.max_depth:
         raise OverLimit(f"the schema nests deeper than the limit of {limits.max_depth} levels")
     _check_values(schema, path, limits)
+    if schema.get("format") in FORMAT_PATTERNS and not {"pattern", "minLength", "maxLength"} & schema.keys():
+        schema["pattern"] = FORMAT_PATTERNS[schema.pop("format")]
     nested = [(schema, key, f"{path}/{key}") for key in SUBSCHEMAS if key in schema]
     nested += [(schema[key], i, f"{path}/{key}/{i}") for key in SUBSCHEMA_LISTS for i in range(len(schema.get(key) or []))]
     nested += [(schema[key], name, f"{path}/{key}/{name}") for key in SUBSCHEMA_MAPS for name in schema.get(key) or {}]

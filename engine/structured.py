@@ -22,7 +22,7 @@ import xgrammar as xgr
 from engine.config import MAX_SPECULATIVE_TOKENS
 from engine.errors import InvalidRequestError
 from engine.grammar_worker import CompileError, CompileJob, CompileLimits, CompilePool
-from engine.schema_check import SchemaLimits, checked_schema
+from engine.schema_check import SchemaLimits, checked_schema, unenforced_keywords
 
 
 JUMP_CONTEXT_TOKENS = 4
@@ -43,6 +43,8 @@ class StructuredOutputParams:
     structural_tag: Any = None  # an xgrammar StructuralTag (or its dict/JSON form), e.g. for tool calls
     compiled: xgr.CompiledGrammar | None = field(default=None, repr=False, compare=False)  # set by compile()
     job: CompileJob | None = field(default=None, repr=False, compare=False)  # set by StructuredOutputs.job()
+    best_effort: bool = False  # a JSON Schema's keywords the grammar cannot enforce are allowed (strict: false)
+    unenforced: list[str] = field(default_factory=list, compare=False)  # those keywords, by JSON pointer
 
     def __post_init__(self) -> None:
         chosen = [name for name in ("json_schema", "regex", "grammar", "choice", "structural_tag")
@@ -97,7 +99,9 @@ class StructuredOutputs:
 
     def _make_job(self, spec: StructuredOutputParams) -> CompileJob:
         if spec.json_schema is not None:
-            return CompileJob("json_schema", json.dumps(checked_schema(spec.json_schema, "json_schema", SchemaLimits())))
+            schema = checked_schema(spec.json_schema, "json_schema", SchemaLimits(), spec.best_effort)
+            spec.unenforced = unenforced_keywords(schema) if spec.best_effort else []
+            return CompileJob("json_schema", json.dumps(schema))
         if spec.json_object:
             return CompileJob("json_object", "")
         if spec.choice is not None:

@@ -162,7 +162,7 @@ class SamplingRequest(Request):
                 schema = spec.get("schema") if isinstance(spec, dict) else None
                 if not isinstance(schema, (dict, bool)):
                     raise APIError(400, "response_format.json_schema.schema must be a JSON Schema object", "response_format")
-                asked.append(("response_format", {"json_schema": schema}))
+                asked.append(("response_format", {"json_schema": schema, "best_effort": spec.get("strict") is False}))
             else:
                 raise APIError(400, f"response_format type must be text, json_object or json_schema, got {fmt.get('type')!r}",
                                "response_format")

@@ -225,7 +225,8 @@ def chat_request(body: ResponsesRequest, history: list[dict[str, Any]], messages
     fmt = body.format()
     response_format = {"type": fmt["type"]}
     if fmt["type"] == "json_schema":
-        response_format["json_schema"] = {"name": fmt.get("name", "output"), "schema": fmt.get("schema")}
+        response_format["json_schema"] = {"name": fmt.get("name", "output"), "schema": fmt.get("schema"),
+                                          **({"strict": fmt["strict"]} if "strict" in fmt else {})}
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     fields = dict(model=body.model, messages=system + history + messages, tools=chat_tools(body.tools),
                   tool_choice=chat_tool_choice(body.tool_choice) if body.tools or body.tool_choice != "auto" else None,

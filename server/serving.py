@@ -254,6 +254,12 @@ class Generation:
         if out.finished:
             metrics.observe_finished(out, len(choice.prompt_ids), self.arrival)
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """``X-Unenforced-Keywords``: a best-effort (strict: false) schema's keywords the grammar ignored."""
+        spec = self.choices[0].params.structured_output
+        return {"X-Unenforced-Keywords": ", ".join(spec.unenforced)} if spec is not None and spec.unenforced else {}
+
     def usage(self) -> Usage:
         prompts = {c.prompt_index: len(c.prompt_ids) for c in self.choices}
         completion = sum(out.num_output_tokens for out in self.last.values())
@@ -372,4 +378,5 @@ def event_stream(gen: Generation, render: Callable[[AsyncIterator[tuple[Choice, 
             yield done
 
     # The background close covers a client that left before the body generator ever started.
-    return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(gen.close))
+    return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(gen.close),
+                             headers=gen.headers)

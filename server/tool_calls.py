@@ -33,7 +33,7 @@ from xgrammar.structural_tag import (
 )
 
 from engine.errors import InvalidRequestError
-from engine.schema_check import checked_schema
+from engine.schema_check import checked_schema, unenforced_keywords
 from server.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class ToolRequest:
     tools: list[dict]
     choice: str | dict  # "auto", "required" or {"type": "function", "function": {"name": ...}}
     parallel: bool
+    unenforced: list[str] = field(default_factory=list)  # keywords of strict: false tools the grammar ignores
 
     @classmethod
     def from_body(cls, tools: list[dict] | None, tool_choice: str | dict | None, parallel: bool | None) -> ToolRequest | None:
@@ -101,6 +102,8 @@ class ToolRequest:
         if len(tools) > MAX_TOOLS:
             raise APIError(400, f"tools: {len(tools)} tools, over the limit of {MAX_TOOLS}", "tools")
         tools = [check_tool(i, tool) for i, tool in enumerate(tools)]
+        unenforced = [f"tools.{i}.function.parameters{pointer}" for i, tool in enumerate(tools)
+                      for pointer in unenforced_keywords(tool["function"]["parameters"])]
         names = [tool["function"]["name"] for tool in tools]
         choice = "auto" if tool_choice is None else tool_choice
         if isinstance(choice, str):
@@ -116,7 +119,7 @@ class ToolRequest:
                                "tool_choice")
         if choice == "none":
             return None
-        return cls(tools, choice, True if parallel is None else parallel)
+        return cls(tools, choice, True if parallel is None else parallel, unenforced)
 
     def structural_tag(self, syntax: ToolSyntax) -> StructuralTag:
         if syntax.xgrammar_format is None:
@@ -172,7 +175,7 @@ def check_tool(index: int, tool: Any) -> dict:
         if not isinstance(parameters, dict):
             raise jsonschema.SchemaError("parameters must be a JSON Schema object")
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
-        parameters = checked_schema(parameters, where)
+        parameters = checked_schema(parameters, where, best_effort=function.get("strict") is False)
     except jsonschema.SchemaError as exc:
         raise APIError(400, f"{where} is not a valid JSON Schema: {exc.message}", where) from None
     except InvalidRequestError as exc:

@@ -63,7 +63,7 @@ def _constraint(state: ServerState, body: ChatCompletionRequest,
         return structured, field
     if structured is not None:
         raise APIError(400, f"{field} cannot be combined with tools unless tool_choice is none", field)
-    return StructuredOutputParams(structural_tag=tools.structural_tag(state.tool_syntax)), "tools"
+    return StructuredOutputParams(structural_tag=tools.structural_tag(state.tool_syntax), unenforced=tools.unenforced), "tools"
 
 
 def _call_deltas(delta: ParserDelta) -> list[ToolCallDelta] | None:
@@ -171,4 +171,4 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                    finish_reason=reason, stop_reason=r.stop_reason,
                    logprobs=chat_logprobs(token_bytes, r.token_ids, r.logprobs) if body.logprobs else None)
         for r, (content, calls, reason) in zip(results, messages)])
-    return Response(response.model_dump_json(), media_type="application/json")
+    return Response(response.model_dump_json(), media_type="application/json", headers=gen.headers)

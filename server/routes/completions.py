@@ -128,7 +128,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             text, entries = _echo(state, prompts[choice.prompt_index], result.prompt_logprobs, text, entries)
         out.append(CompletionChoice(index=len(out), text=text, logprobs=fmt(choice.index, entries) if want_logprobs else None,
                                     finish_reason=result.finish_reason, stop_reason=result.stop_reason))
-    return Response(envelope(out, gen.usage()).model_dump_json(), media_type="application/json")
+    return Response(envelope(out, gen.usage()).model_dump_json(), media_type="application/json", headers=gen.headers)
 
 
 def _best(results: list[ChoiceResult], n: int, best_of: int) -> list[ChoiceResult]:

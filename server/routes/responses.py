@@ -148,7 +148,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         return event_stream(run.gen, lambda deltas: events.render(deltas, finish), events.error)
     result = (await collect(request, run.gen))[0]
     content, calls, reason = run.message(state, result)
-    return Response(finish(output_items(content, calls), reason).model_dump_json(), media_type="application/json")
+    return Response(finish(output_items(content, calls), reason).model_dump_json(), media_type="application/json",
+                    headers=run.gen.headers)
 
 
 @router.get("/v1/responses/{response_id}", responses=error_responses(401, 404))
