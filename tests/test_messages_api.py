@@ -38,14 +38,15 @@ def server(tiny_model):
 
 
 def client(server, key: str = KEY) -> anthropic.Anthropic:
-    """The official client, sending the key as x-api-key (what Anthropic's API and older clients use)."""
-    return anthropic.Anthropic(base_url=server.url, api_key=None, default_headers={"x-api-key": key},
-                               max_retries=0, timeout=120)
+    """The official client as users make it: it sends the key as x-api-key (clients before 2.x) or as
+    Bearer (2.x); test_api_key_as_x_api_key_or_bearer sends each header alone."""
+    return anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0, timeout=120)
 
 
 def prompt_tokens(server, messages: list[dict]) -> int:
     """How many tokens chat renders ``messages`` (OpenAI's shape) to: what the translation must match."""
-    response = httpx.post(f"{server.url}/tokenize", json={"messages": messages}, headers={"Authorization": f"Bearer {KEY}"})
+    response = httpx.post(f"{server.url}/tokenize", json={"messages": messages},
+                          headers={"Authorization": f"Bearer {KEY}"})
     return response.json()["count"]
 
 
@@ -129,8 +130,8 @@ def test_tool_inputs_always_match_their_schema(server, tool_set):
     schemas = {tool["name"]: tool["input_schema"] for tool in tools}
 
     async def sample() -> list[anthropic.types.Message]:
-        async with anthropic.AsyncAnthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120) as bearer:
-            return await asyncio.gather(*(bearer.messages.create(
+        async with anthropic.AsyncAnthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120) as sampler:
+            return await asyncio.gather(*(sampler.messages.create(
                 model="tiny", max_tokens=200, extra_body={"temperature": 1.0}, messages=USER, tools=tools,
                 tool_choice={"type": "any", "disable_parallel_tool_use": True}) for _ in range(8)))
 
@@ -194,11 +195,13 @@ def test_api_key_as_x_api_key_or_bearer(server):
     assert denied.value.status_code == 401
     assert denied.value.body == {"type": "error", "error": {"type": "authentication_error",
                                                             "message": denied.value.body["error"]["message"]}}
-    keyed = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)  # Bearer, or x-api-key
-    assert keyed.messages.create(model="tiny", max_tokens=4, messages=USER).usage.output_tokens > 0  # in older clients
-    bearer = httpx.post(f"{server.url}/v1/messages", json={**BASE, "messages": USER},
-                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    assert bearer.status_code == 200 and bearer.json()["type"] == "message"
+    body = {**BASE, "messages": USER}
+    for header in ({"x-api-key": KEY}, {"Authorization": f"Bearer {KEY}"}):
+        response = httpx.post(f"{server.url}/v1/messages", json=body, headers=header, timeout=60)
+        assert response.status_code == 200 and response.json()["type"] == "message", header
+    for header in ({"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"}, {}):
+        response = httpx.post(f"{server.url}/v1/messages", json=body, headers=header, timeout=60)
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error", header
     # The OpenAI routes take x-api-key too, and keep their own error shape.
     assert httpx.get(f"{server.url}/v1/models", headers={"x-api-key": KEY}).status_code == 200
     refused = httpx.get(f"{server.url}/v1/models", headers={"x-api-key": "wrong"})
