@@ -11,22 +11,29 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import AsyncEngine
-from server.errors import APIError
+from server.errors import APIError, field_path
 from server.metrics import HTTPMetrics
 from server.protocol import STREAMED_CHUNKS
-from server.routes import chat, completions, health, models, responses, tokenize
+from server.routes import chat, completions, health, messages, models, responses, tokenize
 from server.serving import ServerState, Settings
 
 logger = logging.getLogger("kvserve.server")
 
-ROUTE_MODULES = (completions, chat, responses, models, health, tokenize)
+ROUTE_MODULES = (completions, chat, responses, messages, models, health, tokenize)
 OPEN_PATHS = {"/health", "/version", "/metrics"}  # probes and scrapers work without the key
 MAX_REQUEST_ID = 128
+ANTHROPIC_PATH = "/v1/messages"  # it and the paths under it answer errors in Anthropic's shape
+
+
+def error_response(error: APIError, path: str) -> JSONResponse:
+    """``error`` in the body shape of the API that ``path`` belongs to."""
+    return error.response(anthropic=path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"))
 
 
 def request_id_of(sent: bytes | None) -> bytes:
@@ -39,16 +46,18 @@ def request_id_of(sent: bytes | None) -> bytes:
 
 class RequestIdAndAuth:
     """Pure ASGI (no BaseHTTPMiddleware, which would break streaming and disconnect detection):
-    echoes or assigns ``X-Request-Id`` and, with an API key set, refuses requests without it."""
+    echoes or assigns ``X-Request-Id`` and, with an API key set, refuses requests without it: sent as
+    ``Authorization: Bearer KEY`` (OpenAI's clients) or ``x-api-key: KEY`` (Anthropic's)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
 
-    def authorized(self, header: bytes) -> bool:
-        """``Bearer KEY``, the scheme in any case (RFC 9110 11.1); the key compared in constant time."""
-        scheme, _, key = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(b" "), self.api_key)
+    def authorized(self, headers: dict[bytes, bytes]) -> bool:
+        """``Bearer KEY``, the scheme in any case (RFC 9110 11.1), or ``x-api-key``; keys compared in constant time."""
+        scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
+        bearer = scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(b" "), self.api_key)
+        return bearer or hmac.compare_digest(headers.get(b"x-api-key", b"").strip(b" "), self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,10 +65,10 @@ class RequestIdAndAuth:
         headers = dict(scope["headers"])
         request_id = request_id_of(headers.get(b"x-request-id"))
         if (self.api_key is not None and scope["path"] not in OPEN_PATHS
-                and not self.authorized(headers.get(b"authorization", b""))):
-            error = APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
+                and not self.authorized(headers)):
+            error = APIError(401, "missing or invalid API key (send Authorization: Bearer KEY or x-api-key: KEY)",
                              code="invalid_api_key", headers={"X-Request-Id": request_id.decode("latin-1")})
-            return await error.response()(scope, receive, send)
+            return await error_response(error, scope["path"])(scope, receive, send)
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -85,7 +94,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
-            return await APIError(413, self.message()).response()(scope, receive, send)
+            return await error_response(APIError(413, self.message()), scope["path"])(scope, receive, send)
         received = 0
 
         async def counting_receive() -> Message:
@@ -104,16 +113,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
-    path = []
-    for part in first.get("loc", ())[1:]:  # loc starts with "body"; union members add type tags
-        if not (isinstance(part, int) or (part.isidentifier() and part not in _TYPE_TAGS)):
-            break
-        path.append(str(part))
-    param = ".".join(path) or None
+    param = field_path(first.get("loc", ())[1:])  # loc starts with "body"
     return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param)
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 def openapi_document(app: FastAPI) -> dict:
@@ -160,11 +161,11 @@ def create_app(engine: AsyncEngine, settings: Settings) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return exc.response()
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        return validation_error(exc).response()
+        return error_response(validation_error(exc), request.url.path)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -173,11 +174,11 @@ def create_app(engine: AsyncEngine, settings: Settings) -> FastAPI:
             allowed = {method for route in app.routes if route.matches(request.scope)[0] == Match.PARTIAL
                        for method in getattr(route, "methods", None) or ()}
             headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
-        return APIError(exc.status_code, str(exc.detail), headers=headers).response()
+        return error_response(APIError(exc.status_code, str(exc.detail), headers=headers), request.url.path)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         logger.exception("unhandled error in %s", request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}"), request.url.path)
 
     return app

@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
                       help="draft only as many tokens per step (possibly none) as measured costs and "
                            "acceptance say pay for themselves")
     p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on the API (default: $KVSERVE_API_KEY)")
+                   help="require `Authorization: Bearer KEY` or `x-api-key: KEY` on the API (default: $KVSERVE_API_KEY)")
     p.add_argument("--max-waiting-requests", type=int, default=256,
                    help="sequences allowed to wait beyond --max-num-seqs; more get 503 + Retry-After")
     p.add_argument("--max-n", type=int, default=16, help="largest n / best_of a request may ask for")
