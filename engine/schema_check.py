@@ -25,15 +25,20 @@ from engine.errors import InvalidRequestError
 # Keywords xgrammar's JSON Schema grammar enforces (strictly: additional properties are closed and
 # properties come in the declared order, which every document it writes satisfies), and annotations.
 ENFORCED = frozenset({
-    "type", "properties", "required", "additionalProperties", "patternProperties", "propertyNames", "minProperties",
-    "maxProperties", "items", "prefixItems", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "$ref", "$defs",
+    "type", "properties", "required", "additionalProperties", "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "$ref", "$defs",
     "definitions", "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "multipleOf", "format", "unevaluatedProperties", "unevaluatedItems", "uniqueItems"})  # (the last: when false)
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "$anchor",
                          "deprecated", "readOnly", "writeOnly", "contentMediaType", "contentEncoding", "strict"})
+# Keywords that constrain one kind of value: xgrammar applies them only where the subschema is of
+# that kind (its type, or properties / items, which xgrammar reads as object / array).
+KIND_KEYWORDS = {"string": ("minLength", "maxLength", "pattern", "format"),
+                 "number": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
+                 "array": ("minItems", "maxItems", "uniqueItems"),
+                 "object": ("minProperties", "maxProperties", "required")}
 # Formats xgrammar checks exactly; date, time, date-time and ipv4 (xgrammar's admit 2024-02-31, second
 # 60 at any minute, 01.2.3.4) become the exact patterns below.
-EXACT_FORMATS = frozenset({"email", "uuid", "ipv6", "uri", "hostname"})
+EXACT_FORMATS = frozenset({"email", "uuid", "uri"})  # (its ipv6 and hostname are loose at the edges)
 _YEAR = "([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"  # 0001-9999, as Python's date
 _LEAP_YEAR = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|([2468][048]|[13579][26]|0[48])00)"
 _DATE = (f"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|"
@@ -124,9 +129,34 @@ def unenforced_keywords(schema: Any, path: str = "") -> list[str]:
         found.append(f"{path}/format")
     if isinstance(schema.get("oneOf"), list) and not _disjoint(schema["oneOf"]):
         found.append(f"{path}/oneOf")  # read as anyOf: a document matching two branches would pass
+    kinds = _kinds(schema)
+    found += [f"{path}/{key}" for kind, keys in KIND_KEYWORDS.items() if kind not in kinds for key in keys
+              if key in schema]
+    declared = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    if isinstance(schema.get("required"), list) and not set(schema["required"]) <= set(declared):
+        found.append(f"{path}/required")  # a required name with no property schema is never written
     for child, where in _subschemas(schema, path):
         found += unenforced_keywords(child, where)
     return found
+
+
+def _kinds(schema: dict) -> set[str]:
+    """The kinds of value a subschema's grammar writes, as far as kind keywords go."""
+    kind = schema.get("type")
+    kinds = {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else set()
+    kinds |= {"object"} if {"properties", "additionalProperties"} & schema.keys() else set()
+    kinds |= {"array"} if {"items", "prefixItems"} & schema.keys() else set()
+    return kinds | {"number"} if "integer" in kinds else kinds
+
+
+def _infer_kind(schema: dict) -> None:
+    """A subschema with no type whose kind keywords are of one kind only gets that type: its other
+    values are valid too, but a grammar that writes only this kind always satisfies the schema."""
+    if "type" in schema or {"enum", "const", "$ref", "anyOf", "oneOf", "allOf", "not"} & schema.keys():
+        return
+    kinds = {kind for kind, keys in KIND_KEYWORDS.items() if any(key in schema for key in keys)} | _kinds(schema)
+    if len(kinds) == 1:
+        schema["type"] = kinds.pop()
 
 
 def _subschemas(schema: dict, path: str) -> list[tuple[Any, str]]:
@@ -171,6 +201,7 @@ def _check(schema: Any, path: str, depth: int, limits: SchemaLimits) -> None:
     if depth > limits.max_depth:
         raise OverLimit(f"the schema nests deeper than the limit of {limits.max_depth} levels")
     _check_values(schema, path, limits)
+    _infer_kind(schema)
     if schema.get("format") in FORMAT_PATTERNS and not {"pattern", "minLength", "maxLength"} & schema.keys():
         schema["pattern"] = FORMAT_PATTERNS[schema.pop("format")]
     nested = [(schema, key, f"{path}/{key}") for key in SUBSCHEMAS if key in schema]
