@@ -17,6 +17,9 @@ from engine.request import Request
 from engine.structured import apply_bitmask
 
 NEG_INF = float("-inf")
+# A temperature above this samples as this one: logits differ by far less than 1e6, so the distribution is
+# already uniform over the allowed tokens, while float32 turns 1e39 into inf and a masked -inf / inf into NaN.
+MAX_TEMPERATURE = 1e6
 
 
 @dataclass
@@ -79,7 +82,8 @@ def min_p_mask(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def processed_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     """The distribution a (non-greedy) request samples from: temperature, top-k, top-p, min-p."""
     device = logits.device
-    temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in reqs], device=device)
+    temps = torch.tensor([1.0 if r.params.greedy else min(r.params.temperature, MAX_TEMPERATURE) for r in reqs],
+                         device=device)
     logits = logits / temps[:, None]
     if any(r.params.top_k > 0 for r in reqs):
         logits = top_k_mask(logits, torch.tensor([r.params.top_k for r in reqs], device=device))

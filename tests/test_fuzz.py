@@ -15,6 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import content_type_conformance, negative_data_rejection, positive_data_acceptance
 
+from noisy_neighbour import HOSTILE
 from server_process import running_server
 
 STATUSES: Counter[tuple[str, int]] = Counter()  # (operation, status) of every fuzz response, for the summary
@@ -48,6 +49,18 @@ def test_every_route_answers_as_documented(case, fuzz_server):
     excluded = NOT_CHECKED + ([content_type_conformance] if case.operation.path == "/metrics" else [])
     response = case.call_and_validate(base_url=fuzz_server.url, timeout=60, excluded_checks=excluded)
     STATUSES[case.operation.label, response.status_code] += 1
+
+
+@pytest.mark.parametrize("hostile", HOSTILE, ids=lambda hostile: hostile.name)
+def test_hand_made_hostile_inputs_are_answered_without_5xx(fuzz_server, hostile):
+    """Issue 21's inputs beside the generated ones (benchmarks/noisy_neighbour.py runs them beside streams)."""
+    path = "/v1/completions" if hostile.route == "completions" else "/v1/chat/completions"
+    body = hostile.body if isinstance(hostile.body, bytes) else json.dumps({"model": "tiny", **hostile.body})
+    response = httpx.post(f"{fuzz_server.url}{path}", content=body, headers={"content-type": "application/json"},
+                          timeout=120)
+    STATUSES[f"POST {path} (hand-made)", response.status_code] += 1
+    assert response.status_code < 500, response.text
+    assert response.status_code == 200 or response.json()["error"]["message"]
 
 
 # --- soak ---------------------------------------------------------------------------------------

@@ -141,9 +141,10 @@ def test_open_metrics_show_no_filesystem_path(server, model):
 
 
 def test_sampling_values_float32_rounds_to_zero_do_not_fail_a_constrained_request(server):
-    """top_p and repetition_penalty of 5e-324 are 0 in float32; under a grammar they made NaN
-    probabilities and a 500 ("the grammar rejected token ...")."""
-    for extra in ({"top_p": 5e-324}, {"repetition_penalty": 5e-324}, {"repetition_penalty": 1e300}):
+    """top_p and repetition_penalty of 5e-324 are 0 in float32, a temperature of 1e300 is inf; under a
+    grammar they made NaN probabilities and a 500 ("the grammar rejected token ...")."""
+    for extra in ({"top_p": 5e-324}, {"repetition_penalty": 5e-324}, {"repetition_penalty": 1e300},
+                  {"temperature": 9.49e307, "min_p": 0.25}):
         body = {"prompt": "A JSON object:", "max_tokens": 8, "response_format": {"type": "json_object"}} | extra
         response = post(server, "/v1/completions", body)
         assert response.status_code == 200, (extra, response.text)
