@@ -25,7 +25,8 @@ from engine.errors import InvalidRequestError
 # Keywords xgrammar's JSON Schema grammar enforces (strictly: additional properties are closed and
 # properties come in the declared order, which every document it writes satisfies), and annotations.
 ENFORCED = frozenset({
-    "type", "properties", "required", "additionalProperties", "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "$ref", "$defs",
+    "type", "properties", "required", "additionalProperties", "minProperties", "maxProperties", "items",
+    "prefixItems", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "$ref", "$defs",
     "definitions", "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "multipleOf", "format", "unevaluatedProperties", "unevaluatedItems", "uniqueItems"})  # (the last: when false)
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "$anchor",
@@ -46,7 +47,8 @@ _DATE = (f"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-
 # (xgrammar 0.2.9 misreads an optional group "(\\.[0-9]{1,6})?": it admits "418Z"; "(|...)" it reads right)
 _TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](|\\.[0-9]{1,6})(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
-FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$", "ipv4": f"^{_OCTET}(\\.{_OCTET}){{3}}$"}
+FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$",
+                   "ipv4": f"^{_OCTET}(\\.{_OCTET}){{3}}$"}
 
 # Keywords that constrain a value on their own, against which enum/const values are checked.
 LOCAL_KEYWORDS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
@@ -135,15 +137,20 @@ def unenforced_keywords(schema: Any, path: str = "") -> list[str]:
     declared = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
     if isinstance(schema.get("required"), list) and not set(schema["required"]) <= set(declared):
         found.append(f"{path}/required")  # a required name with no property schema is never written
-    for child, where in _subschemas(schema, path):
-        found += unenforced_keywords(child, where)
+    for parent, key, where in _subschemas(schema, path, (*SUBSCHEMA_LISTS, "anyOf", "oneOf"),
+                                          (*SUBSCHEMA_MAPS, "properties")):
+        found += unenforced_keywords(parent[key], where)
     return found
+
+
+def _declared_types(schema: Any) -> set[str] | None:
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    return {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else None
 
 
 def _kinds(schema: dict) -> set[str]:
     """The kinds of value a subschema's grammar writes, as far as kind keywords go."""
-    kind = schema.get("type")
-    kinds = {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else set()
+    kinds = _declared_types(schema) or set()
     kinds |= {"object"} if {"properties", "additionalProperties"} & schema.keys() else set()
     kinds |= {"array"} if {"items", "prefixItems"} & schema.keys() else set()
     return kinds | {"number"} if "integer" in kinds else kinds
@@ -159,12 +166,13 @@ def _infer_kind(schema: dict) -> None:
         schema["type"] = kinds.pop()
 
 
-def _subschemas(schema: dict, path: str) -> list[tuple[Any, str]]:
-    children = [(schema[key], f"{path}/{key}") for key in SUBSCHEMAS if key in schema]
-    children += [(item, f"{path}/{key}/{i}") for key in (*SUBSCHEMA_LISTS, "anyOf", "oneOf")
-                 if isinstance(schema.get(key), list) for i, item in enumerate(schema[key])]
-    children += [(item, f"{path}/{key}/{name}") for key in (*SUBSCHEMA_MAPS, "properties")
-                 if isinstance(schema.get(key), dict) for name, item in schema[key].items()]
+def _subschemas(schema: dict, path: str, lists: tuple[str, ...], maps: tuple[str, ...]) -> list[tuple[Any, Any, str]]:
+    """(container, key, JSON pointer) of each subschema under SUBSCHEMAS and the ``lists`` / ``maps`` keywords."""
+    children = [(schema, key, f"{path}/{key}") for key in SUBSCHEMAS if key in schema]
+    children += [(schema[key], i, f"{path}/{key}/{i}") for key in lists if isinstance(schema.get(key), list)
+                 for i in range(len(schema[key]))]
+    children += [(schema[key], name, f"{path}/{key}/{name}") for key in maps if isinstance(schema.get(key), dict)
+                 for name in schema[key]]
     return children
 
 
@@ -172,14 +180,15 @@ def _disjoint(branches: list[Any]) -> bool:
     """True when no value can match two branches: each pair differs in type (integer within number)
     or in the values its const/enum allows."""
     def types(branch: Any) -> set[str] | None:
-        kind = branch.get("type") if isinstance(branch, dict) else None
-        kinds = {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else None
+        kinds = _declared_types(branch)
         return kinds | {"integer"} if kinds and "number" in kinds else kinds
 
     def values(branch: Any) -> list | None:
         if not isinstance(branch, dict):
             return None
-        return [branch["const"]] if "const" in branch else branch.get("enum") if isinstance(branch.get("enum"), list) else None
+        if "const" in branch:
+            return [branch["const"]]
+        return branch["enum"] if isinstance(branch.get("enum"), list) else None
 
     for i, a in enumerate(branches):
         for b in branches[i + 1:]:
@@ -204,10 +213,7 @@ def _check(schema: Any, path: str, depth: int, limits: SchemaLimits) -> None:
     _infer_kind(schema)
     if schema.get("format") in FORMAT_PATTERNS and not {"pattern", "minLength", "maxLength"} & schema.keys():
         schema["pattern"] = FORMAT_PATTERNS[schema.pop("format")]
-    nested = [(schema, key, f"{path}/{key}") for key in SUBSCHEMAS if key in schema]
-    nested += [(schema[key], i, f"{path}/{key}/{i}") for key in SUBSCHEMA_LISTS for i in range(len(schema.get(key) or []))]
-    nested += [(schema[key], name, f"{path}/{key}/{name}") for key in SUBSCHEMA_MAPS for name in schema.get(key) or {}]
-    for parent, key, where in nested:
+    for parent, key, where in _subschemas(schema, path, SUBSCHEMA_LISTS, SUBSCHEMA_MAPS):
         if isinstance(parent[key], dict):  # `false` is meaningful here (no more items, no other keys)
             try:
                 _check(parent[key], where, depth + 1, limits)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, StrictBool, ValidationError, WithJsonSche
 
 from server.errors import AnthropicErrorResponse, APIError, error_responses, field_path
 from server.protocol import ChatCompletionRequest, Request, ToolCallOut, Usage, documented
+from server.serving import named_event
 from server.tool_calls import ParserDelta
 
 
@@ -267,8 +268,7 @@ def content_blocks(text: str | None, calls: list[ToolCallOut]) -> list[TextBlock
 
 
 def event(kind: str, **fields: Any) -> str:
-    """One server-sent event, Anthropic's way: its type both as ``event:`` and in the data."""
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, ensure_ascii=False)}\n\n"
+    return named_event(kind, fields)
 
 
 def error_event(message: str, status: int = 500) -> str:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -352,6 +353,11 @@ def stream(gen: Generation, make_chunk: Callable[[Choice, RequestOutput, bool], 
         return f"data: {json.dumps(APIError(500, message).body())}\n\n"
 
     return event_stream(gen, chunks, error, done="data: [DONE]\n\n")
+
+
+def named_event(kind: str, fields: dict[str, Any]) -> str:
+    """A server-sent event as the Responses and Anthropic APIs send them: its type as ``event:`` and in the data."""
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, ensure_ascii=False)}\n\n"
 
 
 def event_stream(gen: Generation, render: Callable[[AsyncIterator[tuple[Choice, RequestOutput]]], AsyncIterator[str]],

@@ -11,18 +11,21 @@ from server.serving import ServerState
 router = APIRouter()
 
 
+def model_cards(request: Request) -> list[ModelCard]:
+    state: ServerState = request.app.state.kvserve
+    return [ModelCard(id=name, created=request.app.state.started, owned_by="kvserve", root=state.settings.model_path,
+                      max_model_len=state.max_model_len) for name in state.settings.served_model_names]
+
+
 @router.get("/v1/models", responses=error_responses(401))
 async def list_models(request: Request) -> ModelList:
-    state: ServerState = request.app.state.kvserve
-    return ModelList(data=[ModelCard(id=name, created=request.app.state.started, owned_by="kvserve",
-                                     root=state.settings.model_path, max_model_len=state.max_model_len)
-                           for name in state.settings.served_model_names])
+    return ModelList(data=model_cards(request))
 
 
 @router.get("/v1/models/{model_id:path}", responses=error_responses(401, 404))
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     """One served model (``client.models.retrieve``); an unknown id is OpenAI's 404."""
-    for card in (await list_models(request)).data:
+    for card in model_cards(request):
         if card.id == model_id:
             return card
     raise APIError(404, f"the model {model_id!r} does not exist", "model", code="model_not_found")

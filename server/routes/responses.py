@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
@@ -28,7 +27,7 @@ from server.responses import (
     response_object,
 )
 from server.routes.chat import ChatRun, start_chat
-from server.serving import Choice, ServerState, collect, event_stream
+from server.serving import Choice, ServerState, collect, event_stream, named_event
 
 router = APIRouter()
 STATUS = {"length": "incomplete", "abort": "failed"}  # by finish reason; any other completes
@@ -45,9 +44,8 @@ class ResponseEvents:
         self.open: OutputItem | None = None
 
     def event(self, kind: str, **fields: Any) -> str:
-        payload = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        return named_event(kind, {"sequence_number": self.sequence - 1, **fields})
 
     def error(self, message: str) -> str:
         return self.event("error", code="server_error", message=message, param=None)
