@@ -5,8 +5,9 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
+from engine.lora import LoRARequest
 from engine.outputs import GenerationOutput, RequestOutput, TokenLogprob
 from engine.request import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "InvalidRequestError", "AsyncEngine", "EngineConfig", "SamplingParams", "GenerationOutput",
+__all__ = ["LLM", "LLMEngine", "LoRARequest", "InvalidRequestError", "AsyncEngine", "EngineConfig", "SamplingParams", "GenerationOutput",
            "RequestOutput", "TokenLogprob"]

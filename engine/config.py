@@ -9,6 +9,8 @@ import torch
 
 from engine.quantization import METHODS as QUANTIZATION_METHODS
 
+MAX_LORA_RANK = 256
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -123,6 +125,12 @@ class EngineConfig:
     # Default sampling parameters: "auto" from the model's generation_config.json (as vLLM), "vllm"
     # none (SamplingParams' own defaults), or another folder's generation_config.json.
     generation_config: str = "auto"
+    # LoRA adapters (engine.lora): requests may name one; ``max_loras`` of them run at once (slots of
+    # rank up to ``max_lora_rank``), ``max_cpu_loras`` (None: max_loras) stay loaded on the host.
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy", "safetensors"):
@@ -138,6 +146,13 @@ class EngineConfig:
             raise ValueError("structured_output_workers must be >= 1 and structured_output_compile_timeout > 0")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 1 <= self.max_lora_rank <= MAX_LORA_RANK:
+            raise ValueError(f"max_lora_rank must be in [1, {MAX_LORA_RANK}], got {self.max_lora_rank}")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        self.max_cpu_loras = self.max_cpu_loras or self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         self.torch_device = resolve_device(self.device)
         planned = self.kv_cache_memory is None and self.torch_device.type == "cuda"
         self.kv_cache_bytes = None if planned else parse_memory(self.kv_cache_memory or "2GiB")

@@ -10,6 +10,8 @@ shapes exactly, so:
   -1, so they write no KV; context length 1, so they read one cached key; their output is dropped);
 * the inputs (token ids, positions, slots, block tables, context lengths) live in static buffers
   sized for the largest graph and are copied in before each replay;
+* with LoRA adapters, each row is its own segment of the LoRA kernel, its slot in a static buffer
+  (-1 for the base model and the padding), so one graph serves any mix of adapters;
 * the attention's layout is fixed per batch size: each row's context is cut into the same number of
   flash-decoding partitions, enough (row, KV head, partition) programs to fill the GPU.
 
@@ -24,6 +26,8 @@ import bisect
 from typing import TYPE_CHECKING
 
 import torch
+
+from engine.lora import LoRABatch
 
 if TYPE_CHECKING:
     from engine.attention import AttentionMetadata
@@ -63,8 +67,19 @@ class DecodeGraphs:
                 runner.metadata(self.slot_mapping[:size], self.block_tables[:size], list(range(size + 1)), [1] * size),
                 self.context_lens[:size], decode_splits(size, runner.num_kv_heads, sms))
             for size in self.sizes}
-        self.forward = lambda size: runner.model.forward(self.input_ids[:size], self.positions[:size],
-                                                         runner.kv_caches, self.metadata[size])
+        self.lora = runner.lora if device.type == "cuda" else None  # without CUDA: the step's own LoRA batch
+        self.lora_slots = torch.full((n,), -1, dtype=torch.int32, device=device)
+        self.lora_rows = torch.arange(n, dtype=torch.int32, device=device)
+        self.lora_lens = torch.ones(n, dtype=torch.int32, device=device)
+
+        def forward(size: int) -> torch.Tensor:
+            if self.lora is not None:
+                self.lora.batch = LoRABatch(seg_start=self.lora_rows[:size], seg_len=self.lora_lens[:size],
+                                            seg_slot=self.lora_slots[:size])
+            return runner.model.forward(self.input_ids[:size], self.positions[:size], runner.kv_caches,
+                                        self.metadata[size])
+
+        self.forward = forward
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0  # steps served from a graph (or, without CUDA, from the static buffers)
 
@@ -87,6 +102,8 @@ class DecodeGraphs:
                 hidden = self.forward(size)
             self.graphs[size] = (graph, hidden)
         torch.cuda.synchronize()
+        if self.lora is not None:
+            self.lora.batch = None
 
     def fits(self, batch: StepLayout) -> bool:
         return (batch.is_pure_decode and len(batch.input_ids) <= self.sizes[-1]
@@ -111,6 +128,9 @@ class DecodeGraphs:
         self.context_lens[:b].copy_(ints[:, 0], non_blocking=True)
         self.context_lens[b:size].fill_(1)
         self.block_tables[:b, :width].copy_(ints[:, 1:], non_blocking=True)
+        if self.lora is not None:
+            self.lora_slots[:b].copy_(torch.tensor(self.lora.row_slots, dtype=torch.int32), non_blocking=True)
+            self.lora_slots[b:size].fill_(-1)
         self.replays += 1
         if size not in self.graphs:  # no CUDA: the same buffers, called directly
             return self.forward(size)[:b]

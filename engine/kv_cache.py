@@ -51,14 +51,15 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
-        """Cached blocks matching the longest full-block prefix of ``token_ids``.
-
-        The last token is never covered: its logits must be computed to sample the next token.
+    def find_cached_prefix(self, token_ids: Sequence[int], root: bytes | None = None) -> list[int]:
+        """Cached blocks matching the longest full-block prefix of ``token_ids``; ``root`` is the hash
+        chain's start (a LoRA adapter's identity; None: the base model), so blocks computed by another
+        adapter never match. The last token is never covered: its logits must be computed to sample
+        the next token.
         """
         hits: list[int] = []
         if self.enable_prefix_caching:
-            parent = None
+            parent = root
             for start in range(0, len(token_ids) - 1 - self.block_size + 1, self.block_size):
                 parent = hash_block(parent, token_ids[start:start + self.block_size])
                 block = self.cached.get(parent)
@@ -92,14 +93,15 @@ class KVCacheManager:
             block_table.append(block)
         return True
 
-    def cache_full_blocks(self, block_table: list[int], block_hashes: list[bytes],
-                          token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        """Register the hashes of blocks whose KV is now fully computed (extends ``block_hashes``)."""
+    def cache_full_blocks(self, block_table: list[int], block_hashes: list[bytes], token_ids: Sequence[int],
+                          num_computed_tokens: int, root: bytes | None = None) -> None:
+        """Register the hashes of blocks whose KV is now fully computed (extends ``block_hashes``);
+        ``root`` as in find_cached_prefix."""
         if not self.enable_prefix_caching:
             return
         num_full = num_computed_tokens // self.block_size
         for i in range(len(block_hashes), num_full):
-            parent = block_hashes[-1] if block_hashes else None
+            parent = block_hashes[-1] if block_hashes else root
             h = hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
             block_hashes.append(h)
             block = block_table[i]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.llm_engine import LLMEngine
+from engine.lora import LoRARequest
 from engine.outputs import GenerationOutput, RequestOutput
 from engine.request import SamplingParams
 
@@ -24,8 +25,10 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[str] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[GenerationOutput]:
-        """Run every prompt to completion in one continuous batch; outputs come back in input order."""
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[GenerationOutput]:
+        """Run every prompt to completion in one continuous batch; outputs come back in input order.
+        ``lora_request``: the adapter of every prompt, or one per prompt (None: the base model)."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts and prompt_token_ids")
         if isinstance(prompts, str):
@@ -36,13 +39,18 @@ class LLM:
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(token_ids)
         if len(params_list) != len(token_ids):
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(token_ids)} prompts")
-        for ids, p in zip(token_ids, params_list):  # reject bad input before anything runs
+        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(token_ids)
+        if len(loras) != len(token_ids):
+            raise ValueError(f"lora_request: got {len(loras)} for {len(token_ids)} prompts")
+        for ids, p, lora in zip(token_ids, params_list, loras):  # reject bad input before anything runs
             self.engine.validate(ids, p)
             if p.structured_output is not None:
                 self.engine.structured.compile(p.structured_output)
+            if lora is not None:
+                self.engine.lora_adapter(lora)
         request_ids = [f"llm-{next(self._ids)}" for _ in token_ids]
-        for rid, ids, p in zip(request_ids, token_ids, params_list):
-            self.engine.add_request(rid, ids, p)
+        for rid, ids, p, lora in zip(request_ids, token_ids, params_list, loras):
+            self.engine.add_request(rid, ids, p, lora_request=lora)
         deltas: dict[str, list[RequestOutput]] = {rid: [] for rid in request_ids}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():

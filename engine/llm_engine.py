@@ -18,6 +18,7 @@ from engine import gpu_memory
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager, kv_block_bytes
+from engine.lora import LoRAAdapter, LoRAManager, LoRARequest
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_config, load_draft_config, load_model, load_tokenizer
 from engine.outputs import EngineStats, RequestOutput, ScheduledRequest, SchedulerOutput, SpecStats
@@ -104,6 +105,9 @@ class LLMEngine:
         backend = get_backend(config.attention_backend, config.torch_device)
         self.model = load_model(config.model, backend, config.torch_dtype, config.torch_device, config.load_format,
                                 config.seed, self.hf_config, config.quantization, config.max_num_batched_tokens)
+        # Before the memory profile, so that the GPU's plan counts the adapter slots.
+        self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
+                                config.torch_dtype) if config.enable_lora else None
         spec = config.speculative
         draft = spec is not None and spec.method == "draft"
         self.draft_config = load_draft_config(spec.draft_model, self.hf_config, self.tokenizer) if draft else None
@@ -128,9 +132,9 @@ class LLMEngine:
                                  f"{self.max_model_len}; raise kv_cache_memory or lower max_model_len")
             self.max_model_len = capacity
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras)
         self.runner = ModelRunner(self.model, backend, num_blocks, config.block_size, config.torch_dtype,
-                                  config.torch_device, compile_decode=config.compile)
+                                  config.torch_device, compile_decode=config.compile, lora=self.lora)
         self.sampler = Sampler(config.seed)
         self._structured: StructuredOutputs | None = None
         self._structured_lock = threading.Lock()
@@ -147,6 +151,9 @@ class LLMEngine:
         if backend.supports_cuda_graphs and not config.enforce_eager:
             for runner in self.runners:
                 runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
+        if self.lora is not None:
+            logger.info("LoRA: %d slots of rank %d (%.1f MiB), %d adapters kept on the host", config.max_loras,
+                        config.max_lora_rank, self.lora.nbytes / 2**20, config.max_cpu_loras)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens at once (%.1f sequences of max_model_len %d); "
                     "dtype %s; device %s", num_blocks, config.block_size, capacity, capacity / self.max_model_len,
                     self.max_model_len, config.torch_dtype, config.torch_device)
@@ -250,17 +257,32 @@ class LLMEngine:
             raise InvalidRequestError("logit_bias", f"logit_bias has token ids outside the vocabulary: {bad_bias[:5]}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival: float | None = None) -> None:
+                    arrival: float | None = None, lora_request: LoRARequest | None = None) -> None:
+        """``lora_request``: the adapter the request runs with (None: the base model)."""
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"request_id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
+        adapter = self.lora_adapter(lora_request) if lora_request is not None else None
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, arrival)
+        req.lora = adapter
         if params.structured_output is not None:
             req.matcher = self.structured.matcher(params.structured_output)
         self.requests[request_id] = req
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
         self.scheduler.add(req)
         self.prompt_tokens_total += len(prompt_token_ids)
+
+    def lora_adapter(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """The adapter, loaded (read from its folder unless the host pool has it); InvalidRequestError
+        naming what is wrong with it."""
+        if self.lora is None:
+            raise InvalidRequestError("model", f"LoRA adapter {lora_request.lora_name!r} requested but LoRA is not "
+                                               "enabled (start with --enable-lora, or LLM(..., enable_lora=True))")
+        return self.lora.get(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Drop an adapter from the host pool; its requests in flight finish with it."""
+        return self.lora is not None and self.lora.remove(lora_int_id)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks now; unknown ids are ignored."""

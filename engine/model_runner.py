@@ -16,6 +16,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.config import MAX_SPECULATIVE_TOKENS, head_dim
 from engine.cuda_graphs import DecodeGraphs
+from engine.lora import LoRAManager
 from engine.outputs import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -41,9 +42,12 @@ class StepLayout:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, backend, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, compile_decode: bool = False):
+                 dtype: torch.dtype, device: torch.device, compile_decode: bool = False,
+                 lora: LoRAManager | None = None):
+        """``lora``: the model's adapters (engine.lora), when requests may name one."""
         config = model.config
         self.model = model
+        self.lora = lora
         # Small pure-decode steps have one graph shape (batch size and context kept symbolic) and are
         # dominated by per-op overhead, which compiling removes. Steps with prefill chunks vary too much,
         # and larger decode batches ran slower compiled here (bench-135m bf16, batch 32: ~400 ms vs ~250 ms eager).
@@ -111,13 +115,14 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run one step; logits for the rows that sample, plus prompt rows whose logprobs were asked for."""
         batch = self.layout(sched)
-        if self.graphs is not None and self.graphs.fits(batch):
-            hidden = self.graphs.run(batch)
-        else:
-            input_ids, positions, meta = self.prepare(batch)
-            small_decode = batch.is_pure_decode and len(batch.context_lens) <= COMPILED_DECODE_MAX_BATCH
-            forward = self.decode_forward if small_decode else self.model.forward
-            hidden = forward(input_ids, positions, self.kv_caches, meta)
+        if self.lora is not None:
+            self.lora.prepare([item.request.lora for item in sched.scheduled],
+                              [b - a for a, b in zip(batch.query_start, batch.query_start[1:])], self.device)
+        try:
+            hidden = self._forward(batch)
+        finally:
+            if self.lora is not None:
+                self.lora.batch = None  # other runners of this model (memory profile, warm-up) run the base
         sample_rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
         out = RunnerOutput(self.model.compute_logits(hidden[sample_rows]))
         for item, row in zip(sched.scheduled, batch.query_start):
@@ -126,3 +131,13 @@ class ModelRunner:
             if req.prompt_logprobs is not None and start < end:
                 out.prompt_logits[req.request_id] = (start, self.model.compute_logits(hidden[row:row + end - start]))
         return out
+
+    def _forward(self, batch: StepLayout) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch)
+        input_ids, positions, meta = self.prepare(batch)
+        small_decode = batch.is_pure_decode and len(batch.context_lens) <= COMPILED_DECODE_MAX_BATCH
+        # A step with adapter rows runs eagerly: the compiled graph was traced without any.
+        compiled = small_decode and (self.lora is None or self.lora.batch is None)
+        forward = self.decode_forward if compiled else self.model.forward
+        return forward(input_ids, positions, self.kv_caches, meta)

@@ -6,11 +6,15 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.errors import InvalidRequestError
 from engine.structured import StructuredOutputParams
+
+if TYPE_CHECKING:
+    from engine.lora import LoRAAdapter
 
 MAX_LOGPROBS = 20
 MAX_TOP_K = 2**31 - 1
@@ -129,6 +133,7 @@ class Request:
         self.prompt_logprobs: list | None = [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
         self.times = RequestTimes() if arrival is None else RequestTimes(arrival=arrival)
         self.matcher = None  # xgrammar.GrammarMatcher when the output is constrained
+        self.lora: LoRAAdapter | None = None  # the adapter it runs with (held: unloading it lets this finish)
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed % 2**64)  # any int, as OpenAI allows
@@ -148,6 +153,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def cache_root(self) -> bytes | None:
+        """Where its prefix-cache hash chain starts: its adapter's identity, or None for the base model."""
+        return None if self.lora is None else self.lora.uid
 
     @property
     def finished(self) -> bool:

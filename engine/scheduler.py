@@ -6,7 +6,9 @@ chunks across steps (chunked prefill), so prefills and decodes share a step. Run
 first, in admission order; then waiting ones are admitted while budget, sequence slots and blocks last.
 When blocks run out, the most recently admitted running request is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed later (its cached prefix blocks
-usually survive, so the recompute is cheap).
+usually survive, so the recompute is cheap). With LoRA adapters, at most ``max_loras`` distinct ones
+run at once: a waiting request of another adapter is passed over (keeping its place) until one's
+requests finish, and the requests behind it go ahead.
 
 With speculative decoding, a request whose chunk reaches its last token also gets up to
 ``lookahead_of(request)`` extra KV slots (and budget) for draft tokens; lookahead never causes preemption:
@@ -24,8 +26,10 @@ from engine.request import Request, RequestStatus
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0):
+        """``max_loras``: the most distinct LoRA adapters running at once (the slots of engine.lora)."""
         self.kv = kv
+        self.max_loras = max_loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -60,10 +64,15 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(req, num_new, lookahead))
                 budget -= num_new + lookahead
                 i += 1
+        adapters = {req.lora.uid for req in self.running if req.lora is not None}
+        passed_over: list[Request] = []  # waiting for a LoRA slot; they keep their place in the queue
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.lora is not None and req.lora.uid not in adapters and len(adapters) >= self.max_loras:
+                passed_over.append(self.waiting.popleft())
+                continue
             # Prompt logprobs need every prompt position computed, so such requests skip the cache.
-            cached = [] if req.prompt_logprobs is not None else self.kv.find_cached_prefix(req.token_ids)
+            cached = [] if req.prompt_logprobs is not None else self.kv.find_cached_prefix(req.token_ids, req.cache_root)
             if self._prefix_in_flight(req, len(cached)):
                 break
             num_computed = len(cached) * self.kv.block_size
@@ -81,8 +90,11 @@ class Scheduler:
                 req.num_cached_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if req.lora is not None:
+                adapters.add(req.lora.uid)
             out.scheduled.append(ScheduledRequest(req, num_new, lookahead))
             budget -= num_new + lookahead
+        self.waiting.extendleft(reversed(passed_over))
         return out
 
     def _prefix_in_flight(self, req: Request, num_cached_blocks: int) -> bool:
@@ -95,8 +107,8 @@ class Scheduler:
         if end >= req.num_tokens:
             return False
         prefix = req.token_ids[:end]
-        return any(other.num_computed_tokens < end <= other.num_tokens and other.token_ids[:end] == prefix
-                   for other in self.running)
+        return any(other.num_computed_tokens < end <= other.num_tokens and other.cache_root == req.cache_root
+                   and other.token_ids[:end] == prefix for other in self.running)
 
     @staticmethod
     def _lookahead(req: Request, num_computed: int, num_new: int, budget: int, wanted: int) -> int:
@@ -119,7 +131,8 @@ class Scheduler:
         for item in sched.scheduled:
             req = item.request
             req.num_computed_tokens += item.num_new_tokens
-            self.kv.cache_full_blocks(req.block_table, req.block_hashes, req.token_ids, req.num_computed_tokens)
+            self.kv.cache_full_blocks(req.block_table, req.block_hashes, req.token_ids, req.num_computed_tokens,
+                                      req.cache_root)
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request from wherever it is and free its blocks at once."""

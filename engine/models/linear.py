@@ -55,15 +55,21 @@ class PackedWeight:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that serves each batch from the form its plan picked for that many rows."""
+    """nn.Linear that serves each batch from the form its plan picked for that many rows, then adds the
+    rows' LoRA products when adapters are enabled (engine.lora.LoRALayer)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.packed: PackedWeight | None = None
         self._fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.plan: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []  # (up to rows, form)
+        self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._planned(x)
+        return y if self.lora is None else self.lora(x, y)
+
+    def _planned(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         for max_rows, form in self.plan:
             if rows <= max_rows:
