@@ -1,7 +1,8 @@
 """AsyncEngine: the step loop in a background thread, an async stream of deltas per request.
 
-The event loop never runs model code: it validates, hands commands (add, abort) to the engine
-thread through a queue, and receives each step's outputs in one ``call_soon_threadsafe`` batch.
+The event loop never runs model code: it validates, hands commands (add, abort, a call such as
+loading a LoRA adapter) to the engine thread through a queue, and receives each step's outputs in
+one ``call_soon_threadsafe`` batch.
 Leaving ``generate()`` early (client gone, task cancelled) aborts the request; the abort is applied
 between two steps, so its blocks are free within one step.
 
@@ -22,12 +23,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
+from engine.lora import LoRARequest
 from engine.outputs import EngineStats, RequestOutput
 from engine.request import SamplingParams
 
@@ -40,11 +43,20 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: float | None
+    lora_request: LoRARequest | None
 
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Call:
+    """Run ``fn(engine)`` on the engine thread (it may run torch ops) and settle ``future`` with its result."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future
 
 
 class _AbortAll:
@@ -59,7 +71,7 @@ class AsyncEngine:
         self.stall_timeout = stall_timeout
         self._step_started: float | None = None  # time.monotonic() when the step in progress began
         self._watchdog: asyncio.Task | None = None
-        self._commands: queue.SimpleQueue[_Add | _Abort | _AbortAll] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _AbortAll | _Call] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._started = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
@@ -119,10 +131,11 @@ class AsyncEngine:
                              time.monotonic() - started, self.stall_timeout, ", ".join(self.engine.step_request_ids))
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       arrival: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival: float | None = None, lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's deltas until it finishes. Raises InvalidRequestError (a ValueError
         naming the parameter) for bad input up front. ``arrival``: time.monotonic() when the request
-        reached the server, so queue time and TTFT include the HTTP layer."""
+        reached the server, so queue time and TTFT include the HTTP layer. ``lora_request``: the
+        adapter it runs with (loaded on the engine thread on first use)."""
         if not self.is_running:
             raise RuntimeError("AsyncEngine is not running; call start() inside the event loop first")
         if request_id in self._streams:
@@ -132,7 +145,7 @@ class AsyncEngine:
             await asyncio.to_thread(lambda: self.engine.structured.compile(params.structured_output))
         stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._streams[request_id] = stream
-        self._submit(_Add(request_id, list(prompt_token_ids), params, arrival))
+        self._submit(_Add(request_id, list(prompt_token_ids), params, arrival, lora_request))
         finished = False
         try:
             while not finished:
@@ -150,12 +163,21 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit(_Abort(request_id))
 
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """``fn(engine)`` run on the engine thread between two steps (loading a LoRA adapter, say); its
+        exception re-raises here."""
+        if not self.is_running:
+            raise RuntimeError("AsyncEngine is not running; call start() inside the event loop first")
+        future = asyncio.get_running_loop().create_future()
+        self._submit(_Call(fn, future))
+        return await future
+
     def abort_all(self) -> None:
         """End every request in the engine within a step; unlike ``abort`` (for callers that have left),
         each stream still gets its last delta, finish_reason "abort" (a server's shutdown timeout)."""
         self._submit(_AbortAll())
 
-    def _submit(self, command: _Add | _Abort | _AbortAll) -> None:
+    def _submit(self, command: _Add | _Abort | _AbortAll | _Call) -> None:
         self._commands.put(command)
         self._wakeup.set()
 
@@ -222,10 +244,30 @@ class AsyncEngine:
             if isinstance(command, _AbortAll):
                 self._abort_all()
                 continue
+            if isinstance(command, _Call):
+                self._settle(command)
+                continue
             try:
-                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.arrival)
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.arrival,
+                                        command.lora_request)
             except Exception as exc:  # the caller's error, never the engine thread's end
                 self._loop.call_soon_threadsafe(self._deliver, command.request_id, exc)
+
+    def _settle(self, call: _Call) -> None:
+        try:
+            result, error = call.fn(self.engine), None
+        except Exception as exc:  # the caller's error, never the engine thread's end
+            result, error = None, exc
+
+        def settle() -> None:
+            if call.future.cancelled():
+                return
+            if error is not None:
+                call.future.set_exception(error)
+            else:
+                call.future.set_result(result)
+
+        self._loop.call_soon_threadsafe(settle)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         stream = self._streams.get(request_id)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, InvalidRequestError, LoRARequest, SamplingParams
@@ -31,7 +30,11 @@ ADAPTERS = {
 
 
 def make_adapter(base: Path, out: Path, seed: int, **fields) -> Path:
-    """A PEFT adapter with random (non-zero) A and B, saved as peft's save_pretrained writes it."""
+    """A PEFT adapter with random (non-zero) A and B, saved as peft's save_pretrained writes it.
+    peft is imported here, never at module level: it imports triton, which tests/test_triton_attention.py must
+    first switch to its interpreter when it is collected."""
+    from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(init_lora_weights=False, **fields))
     model.save_pretrained(out)
@@ -39,6 +42,8 @@ def make_adapter(base: Path, out: Path, seed: int, **fields) -> Path:
 
 
 def hf_model(base: Path, adapter: Path | None):
+    from peft import PeftModel  # imported late, as in make_adapter
+
     model = AutoModelForCausalLM.from_pretrained(base)
     return (PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
 
