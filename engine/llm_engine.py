@@ -455,10 +455,14 @@ class LLMEngine:
                              cumulative_logprob=req.cumulative_logprob, times=req.times)
 
     def stats(self) -> EngineStats:
+        running, waiting = (sorted({req.lora.request.lora_name for req in queue if req.lora is not None})
+                            for queue in (list(self.scheduler.running), list(self.scheduler.waiting)))
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                            num_free_blocks=self.kv.num_free_blocks, num_blocks=self.kv.num_blocks,
                            kv_cache_usage=self.kv.usage, prefix_cache_queries=self.kv.prefix_queries,
                            prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
                            prompt_tokens=self.prompt_tokens_total, generation_tokens=self.generation_tokens_total,
                            jump_forward_tokens=self.jump_forward_tokens_total,
-                           spec=copy.deepcopy(self.speculator.stats) if self.speculator else SpecStats())
+                           spec=copy.deepcopy(self.speculator.stats) if self.speculator else SpecStats(),
+                           max_loras=self.config.max_loras if self.lora else 0,
+                           running_loras=running, waiting_loras=[name for name in waiting if name not in running])

@@ -125,3 +125,6 @@ class EngineStats:
     generation_tokens: int
     jump_forward_tokens: int
     spec: SpecStats = field(default_factory=SpecStats)
+    max_loras: int = 0  # LoRA slots (0: LoRA not enabled)
+    running_loras: list[str] = field(default_factory=list)  # adapters of running requests, by name
+    waiting_loras: list[str] = field(default_factory=list)  # adapters only waiting requests use

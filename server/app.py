@@ -20,12 +20,12 @@ from engine import AsyncEngine
 from server.errors import APIError, field_path
 from server.metrics import HTTPMetrics
 from server.protocol import STREAMED_CHUNKS
-from server.routes import chat, completions, health, messages, models, responses, tokenize
+from server.routes import chat, completions, health, lora, messages, models, responses, tokenize
 from server.serving import ServerState, Settings
 
 logger = logging.getLogger("kvserve.server")
 
-ROUTE_MODULES = (completions, chat, responses, messages, models, health, tokenize)
+ROUTE_MODULES = (completions, chat, responses, messages, models, lora, health, tokenize)
 OPEN_PATHS = {"/health", "/version", "/metrics"}  # probes and scrapers work without the key
 MAX_REQUEST_ID = 128
 ANTHROPIC_PATH = "/v1/messages"  # it and the paths under it answer errors in Anthropic's shape

@@ -76,6 +76,16 @@ def parser() -> argparse.ArgumentParser:
     spec.add_argument("--adaptive-speculation", action=argparse.BooleanOptionalAction, default=True,
                       help="draft only as many tokens per step (possibly none) as measured costs and "
                            "acceptance say pay for themselves")
+    lora = p.add_argument_group("LoRA adapters")
+    lora.add_argument("--enable-lora", action="store_true",
+                      help="serve LoRA adapters (PEFT folders) on the base model: a request names one as its `model`")
+    lora.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", default=[],
+                      help="adapters to serve from the start, each NAME=PATH or JSON {\"name\": ..., \"path\": ...}")
+    lora.add_argument("--max-loras", type=int, default=4, help="adapters one engine step can mix (GPU/CPU slots)")
+    lora.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted (at most 256)")
+    lora.add_argument("--max-cpu-loras", type=int, help="adapters kept read in host memory (default: --max-loras)")
+    lora.add_argument("--allow-runtime-lora-updating", action="store_true",
+                      help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require `Authorization: Bearer KEY` or `x-api-key: KEY` on the API (default: $KVSERVE_API_KEY)")
     p.add_argument("--max-waiting-requests", type=int, default=256,
@@ -145,6 +155,25 @@ def speculative_config(args: argparse.Namespace):
         sys.exit(f"kvserve: {exc}")
 
 
+def lora_modules(args: argparse.Namespace, served_names: list[str]):
+    """--lora-modules as LoRARequests (ids 1, 2, ...), or exit naming the bad entry."""
+    from engine import LoRARequest
+
+    if (args.lora_modules or args.allow_runtime_lora_updating) and not args.enable_lora:
+        sys.exit("kvserve: --lora-modules and --allow-runtime-lora-updating need --enable-lora")
+    modules: dict[str, str] = {}
+    for entry in args.lora_modules:
+        try:
+            fields = json.loads(entry) if entry.lstrip().startswith("{") else dict(zip(("name", "path"), entry.split("=", 1)))
+            name, path = fields["name"], fields["path"]
+        except (ValueError, KeyError, TypeError):
+            sys.exit(f"kvserve: --lora-modules {entry!r}: expected NAME=PATH or {{\"name\": ..., \"path\": ...}}")
+        if not name or name in modules or name in served_names:
+            sys.exit(f"kvserve: --lora-modules: the name {name!r} is empty or already taken")
+        modules[name] = path
+    return [LoRARequest(name, i, path) for i, (name, path) in enumerate(modules.items(), start=1)]
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -155,6 +184,8 @@ def serve(args: argparse.Namespace) -> None:
 
     if args.engine_stall_timeout <= 0:
         sys.exit("kvserve: --engine-stall-timeout must be > 0")
+    served_names = args.served_model_name or [args.model or EMBEDDED_MODEL]
+    adapters = lora_modules(args, served_names)
     model_path = resolve_model(args.model) if args.model else embedded_model()
     chat_template = None
     if args.chat_template:
@@ -177,13 +208,22 @@ def serve(args: argparse.Namespace) -> None:
             attention_backend=args.attention_backend, compile=args.compile,
             structured_output_compile_timeout=args.structured_output_compile_timeout,
             structured_output_workers=args.structured_output_workers,
+            enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+            max_cpu_loras=args.max_cpu_loras,
             speculative=speculative_config(args)), stall_timeout=args.engine_stall_timeout)
     except (ValueError, OSError) as exc:
         sys.exit(f"kvserve: cannot load {model_path}: {exc}")
     logger.info("model loaded in %.1fs", time.monotonic() - start)
-    settings = Settings(model_path=model_path, served_model_names=args.served_model_name or [args.model or EMBEDDED_MODEL],
+    for adapter in adapters:  # read and checked now: a bad one stops the start, not its first request
+        try:
+            engine.engine.lora_adapter(adapter)
+        except ValueError as exc:
+            sys.exit(f"kvserve: --lora-modules {adapter.lora_name}={adapter.lora_path}: {exc}")
+    settings = Settings(model_path=model_path, served_model_names=served_names,
                         api_key=args.api_key, max_waiting_requests=args.max_waiting_requests, max_n=args.max_n,
-                        chat_template=chat_template, tool_call_parser=args.tool_call_parser, max_request_bytes=args.max_request_bytes)
+                        chat_template=chat_template, tool_call_parser=args.tool_call_parser,
+                        max_request_bytes=args.max_request_bytes, lora_modules=adapters,
+                        allow_runtime_lora_updating=args.allow_runtime_lora_updating)
     app = create_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
                             access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=CLOSE_GRACE_S)

@@ -8,6 +8,7 @@ request finishes (its ``RequestTimes``) and per streamed delta (inter-token late
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -63,6 +64,12 @@ class EngineCollector(Collector):
             for position, value in enumerate(values):
                 family.add_metric([self.model_name, str(position)], value)
             yield family
+        if s.max_loras:  # vLLM's shape: the adapters as comma-joined labels, the value the scrape's time
+            family = GaugeMetricFamily("kvserve:lora_requests_info", "LoRA adapters of running and waiting requests",
+                                       labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            family.add_metric([self.model_name, str(s.max_loras), ",".join(s.running_loras), ",".join(s.waiting_loras)],
+                              time.time())
+            yield family
 
 
 class Metrics:
@@ -83,6 +90,7 @@ class Metrics:
         self.request_errors = counter("request_errors", "HTTP responses with an error status", "code")
         self.http_requests = counter("http_requests", "HTTP requests", "route", "status")
         self.grammar_cache_hits = counter("structured_output_grammar_cache_hits", "grammars found already compiled")
+        self.lora_requests = counter("lora_requests", "generation requests per LoRA adapter", "lora_name")
         self.tool_call_parse_failures = counter("tool_call_parse_failures", "tool calls left unfinished (cut off)")
         self.ttft = histogram("time_to_first_token_seconds", "arrival to first token", LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "gap between streamed tokens", LATENCY_BUCKETS)

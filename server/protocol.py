@@ -286,6 +286,16 @@ class DetokenizeRequest(Request):
     tokens: list[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0}})
 
 
+class LoadLoRAAdapterRequest(Request):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(Request):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM accepts it; the name alone decides here
+
+
 # --- responses ------------------------------------------------------------------------------
 class OmitsNone(BaseModel):
     """The fields named in ``omitted_when_none`` are left out of the body while None: OpenAI's schema
@@ -437,6 +447,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     root: str
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for the base itself
     max_model_len: int
 
 

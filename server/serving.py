@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
-from engine import AsyncEngine, RequestOutput, SamplingParams, TokenLogprob
+from engine import AsyncEngine, InvalidRequestError, LoRARequest, RequestOutput, SamplingParams, TokenLogprob
 from engine.structured import StructuredOutputParams
 from server.chat_template import ChatRenderer
 from server.errors import APIError, bad_request
@@ -49,6 +50,16 @@ class Settings:
     tool_call_parser: str = "auto"  # or a name in server.tool_calls.SYNTAXES
     retry_after_s: int = 1
     max_request_bytes: int = 4 << 20  # larger bodies get 413 (server/app.py BodyLimit)
+    lora_modules: list[LoRARequest] = field(default_factory=list)  # --lora-modules, already read by the engine
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a request's ``model`` names: the base model (``lora`` None) or one of its LoRA adapters."""
+
+    name: str
+    lora: LoRARequest | None = None
 
 
 class ServerState:
@@ -76,6 +87,8 @@ class ServerState:
                             detect_syntax(settings.chat_template or getattr(self.tokenizer, "chat_template", None)))
         # A marker that is a special token (mistral's [TOOL_CALLS]) must survive detokenization.
         self.tool_marker_is_special = self.tool_syntax.marker in self.tokenizer.all_special_tokens
+        self.adapters = {lora.lora_name: lora for lora in settings.lora_modules}  # served name -> adapter
+        self._lora_ids = itertools.count(max((lora.lora_int_id for lora in settings.lora_modules), default=0) + 1)
 
     async def token_bytes(self) -> list[bytes]:
         """Every token's raw bytes, from xgrammar's tokenizer info (built once, off the event loop)."""
@@ -85,10 +98,34 @@ class ServerState:
     def model_name(self) -> str:
         return self.settings.served_model_names[0]
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.settings.served_model_names:
-            raise APIError(404, f"The model `{name}` does not exist. Served: {self.settings.served_model_names}",
-                           "model", "model_not_found")
+    def resolve_model(self, name: str | None) -> ServedModel:
+        """The base model (also for no ``model``) or the adapter ``name`` is; anything else is OpenAI's 404."""
+        if name is None or name in self.settings.served_model_names:
+            return ServedModel(self.model_name)
+        if name in self.adapters:
+            return ServedModel(name, self.adapters[name])
+        served = [*self.settings.served_model_names, *self.adapters]
+        raise APIError(404, f"The model `{name}` does not exist. Served: {served}", "model", "model_not_found")
+
+    async def load_adapter(self, name: str, path: str) -> LoRARequest:
+        """Read and check the adapter at ``path`` on the engine thread, then serve it as ``name``
+        (a 400 naming what is wrong: the name taken, a missing file, a refused config, its rank)."""
+        if name in self.settings.served_model_names or name in self.adapters:
+            raise APIError(400, f"the model name {name!r} is already served", "lora_name")
+        lora = LoRARequest(name, next(self._lora_ids), path)
+        try:
+            await self.engine.call(lambda engine: engine.lora_adapter(lora))
+        except InvalidRequestError as exc:
+            raise bad_request(exc) from None
+        self.adapters[name] = lora
+        return lora
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name``: new requests for it get 404; those already running finish with it."""
+        lora = self.adapters.pop(name, None)
+        if lora is None:
+            raise APIError(404, f"no LoRA adapter named {name!r} is loaded", "lora_name", "model_not_found")
+        await self.engine.call(lambda engine: engine.remove_lora(lora.lora_int_id))
 
     def check_fits(self, num_bytes: int, param: str) -> None:
         """Refuse text that cannot fit in the context whatever its tokens, before tokenizing it (seconds
@@ -187,9 +224,9 @@ class Generation:
     ``close()`` (idempotent) aborts what is left, releases the admission slots and writes the log line."""
 
     @classmethod
-    async def create(cls, state: ServerState, prefix: str, choices: list[Choice],
+    async def create(cls, state: ServerState, prefix: str, model: ServedModel, choices: list[Choice],
                      renames: dict[str, str] | None = None, grammar_field: str | None = None) -> Generation:
-        gen = cls(state, prefix, choices, renames)
+        gen = cls(state, prefix, model, choices, renames)
         state.admit(len(choices))  # a compile waits as part of its request: it counts against the queue limit
         spec = choices[0].params.structured_output
         if spec is not None:
@@ -201,10 +238,14 @@ class Generation:
             for choice in choices[1:]:
                 choice.params.structured_output.compiled = spec.compiled
         gen._admitted = True
+        if model.lora is not None:
+            state.metrics.labels(state.metrics.lora_requests, lora_name=model.name).inc()
         return gen
 
-    def __init__(self, state: ServerState, prefix: str, choices: list[Choice], renames: dict[str, str] | None = None):
+    def __init__(self, state: ServerState, prefix: str, model: ServedModel, choices: list[Choice],
+                 renames: dict[str, str] | None = None):
         self.state = state
+        self.model = model  # its name is every response's ``model``
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.arrival = time.monotonic()
@@ -227,7 +268,7 @@ class Generation:
         async def pump(choice: Choice) -> None:
             try:
                 async for out in self.state.engine.generate(f"{self.id}-{choice.index}", choice.prompt_ids, choice.params,
-                                                            self.arrival):
+                                                            self.arrival, self.model.lora):
                     queue.put_nowait((choice, out))
             except Exception as exc:  # delivered to the consumer; never lost in a task
                 queue.put_nowait((choice, exc))

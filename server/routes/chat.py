@@ -115,7 +115,7 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest, renames: d
     """Validate, render the prompt, build the grammar (response_format or tool calls), admit.
     ``renames`` maps chat's parameter names onto the caller's API's for error messages."""
     renames = renames or {}
-    state.check_model(body.model)
+    model = state.resolve_model(body.model)
     state.check_n(body.n)
     _check_unsupported(body)
     tools = await asyncio.to_thread(ToolRequest.from_body, body.tools, body.tool_choice, body.parallel_tool_calls)
@@ -135,7 +135,7 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest, renames: d
         seed=None if body.seed is None else body.seed + i, structured_output=structured,
         skip_special_tokens=False if keep_marker else body.skip_special_tokens)) for i in range(body.n)]
     token_bytes = await state.token_bytes() if body.logprobs else []
-    gen = await Generation.create(state, "chatcmpl", choices, renames, renames.get(grammar_field, grammar_field))
+    gen = await Generation.create(state, "chatcmpl", model, choices, renames, renames.get(grammar_field, grammar_field))
     return ChatRun(gen, choices, tools, token_bytes)
 
 
@@ -155,18 +155,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             delta = ChatDelta(role="assistant" if first else None, content=content or ("" if first else None),
                               tool_calls=calls)
             logprobs = chat_logprobs(token_bytes, out.new_token_ids, out.new_logprobs) if out.new_logprobs else None
-            return ChatCompletionChunk(id=gen.id, created=gen.created, model=state.model_name, choices=[
+            return ChatCompletionChunk(id=gen.id, created=gen.created, model=gen.model.name, choices=[
                 ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs,
                                 finish_reason=reason, stop_reason=out.stop_reason)])
 
         def usage_chunk(usage) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=gen.id, created=gen.created, model=state.model_name, choices=[], usage=usage)
+            return ChatCompletionChunk(id=gen.id, created=gen.created, model=gen.model.name, choices=[], usage=usage)
 
         return stream(gen, chunk, usage_chunk if body.include_usage else None)
 
     results = await collect(request, gen)
     messages = [run.message(state, r) for r in results]
-    response = ChatCompletionResponse(id=gen.id, created=gen.created, model=state.model_name, usage=gen.usage(), choices=[
+    response = ChatCompletionResponse(id=gen.id, created=gen.created, model=gen.model.name, usage=gen.usage(), choices=[
         ChatChoice(index=r.choice.index, message=ChatMessageOut(content=content, tool_calls=calls or None),
                    finish_reason=reason, stop_reason=r.stop_reason,
                    logprobs=chat_logprobs(token_bytes, r.token_ids, r.logprobs) if body.logprobs else None)

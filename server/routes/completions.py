@@ -78,7 +78,7 @@ def _echo(state: ServerState, prompt: tuple[str | None, list[int]], prompt_logpr
 @router.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.kvserve
-    state.check_model(body.model)
+    model = state.resolve_model(body.model)
     if body.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
     state.check_n(body.n)
@@ -98,12 +98,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                                           prompt_logprobs=body.logprobs if body.echo else None,
                                           seed=None if body.seed is None else body.seed + i)
             choices.append(Choice(p * best_of + i, p, ids, params))
-    gen = await Generation.create(state, "cmpl", choices, grammar_field=body.structured_output()[1])
+    gen = await Generation.create(state, "cmpl", model, choices, grammar_field=body.structured_output()[1])
     fmt = LogprobFormatter(state)
     want_logprobs = body.logprobs is not None
 
     def envelope(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
-        return CompletionResponse(id=gen.id, created=gen.created, model=state.model_name, choices=choices, usage=usage)
+        return CompletionResponse(id=gen.id, created=gen.created, model=gen.model.name, choices=choices, usage=usage)
 
     if body.stream:
         def chunk(choice: Choice, out: RequestOutput, first: bool) -> CompletionResponse | None:

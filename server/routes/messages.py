@@ -44,7 +44,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
     result = (await collect(request, run.gen))[0]
     text, calls, finish = run.message(state, result)
     reason, sequence = stop_reason(finish, result.stop_reason)
-    message = MessageResponse(id=message_id(run.gen.id), content=content_blocks(text, calls), model=state.model_name,
+    message = MessageResponse(id=message_id(run.gen.id), content=content_blocks(text, calls), model=run.gen.model.name,
                               stop_reason=reason, stop_sequence=sequence, usage=message_usage(run.gen.usage()))
     return Response(message.model_dump_json(), media_type="application/json")
 
@@ -53,7 +53,7 @@ async def stream_events(state: ServerState, run: ChatRun,
                         deltas: AsyncIterator[tuple[Choice, RequestOutput]]) -> AsyncIterator[str]:
     """message_start, the content blocks' events as the deltas come, message_delta (stop_reason,
     usage) and message_stop; a shutdown's abort ends it with an overloaded_error event instead."""
-    start = MessageResponse(id=message_id(run.gen.id), content=[], model=state.model_name, stop_reason=None,
+    start = MessageResponse(id=message_id(run.gen.id), content=[], model=run.gen.model.name, stop_reason=None,
                             usage=message_usage(run.gen.usage()))
     yield event("message_start", message=start.model_dump())
     blocks = BlockEvents()

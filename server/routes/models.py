@@ -1,4 +1,4 @@
-"""GET /v1/models: the served model names (what clients pass as ``model``)."""
+"""GET /v1/models: the served model names and LoRA adapters (what clients pass as ``model``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ router = APIRouter()
 
 def model_cards(request: Request) -> list[ModelCard]:
     state: ServerState = request.app.state.kvserve
-    return [ModelCard(id=name, created=request.app.state.started, owned_by="kvserve", root=state.settings.model_path,
+    created = request.app.state.started
+    base = [ModelCard(id=name, created=created, owned_by="kvserve", root=state.settings.model_path,
                       max_model_len=state.max_model_len) for name in state.settings.served_model_names]
+    adapters = [ModelCard(id=name, created=created, owned_by="kvserve", root=lora.lora_path, parent=state.model_name,
+                          max_model_len=state.max_model_len) for name, lora in state.adapters.items()]
+    return base + adapters
 
 
 @router.get("/v1/models", responses=error_responses(401))

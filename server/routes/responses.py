@@ -130,7 +130,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
 
     def finish(output: list[OutputItem], reason: str | None) -> ResponseObject:
         usage = run.gen.usage()
-        response = response_object(body, response_id, run.gen.created, state.model_name, output,
+        response = response_object(body, response_id, run.gen.created, run.gen.model.name, output,
                                    STATUS.get(reason or "", "completed"), ResponseUsage(
                                        input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
                                        total_tokens=usage.total_tokens))
@@ -141,7 +141,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         return response
 
     if body.stream:
-        start = response_object(body, response_id, run.gen.created, state.model_name, [], "in_progress")
+        start = response_object(body, response_id, run.gen.created, run.gen.model.name, [], "in_progress")
         events = ResponseEvents(run, state, start)
         return event_stream(run.gen, lambda deltas: events.render(deltas, finish), events.error)
     result = (await collect(request, run.gen))[0]

@@ -17,7 +17,7 @@ router = APIRouter()
 @router.post("/tokenize", responses=error_responses(400, 401, 404, 413))
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state: ServerState = request.app.state.kvserve
-    state.check_model(body.model)
+    state.resolve_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of prompt and messages", "prompt")
     if body.messages is not None:
@@ -30,7 +30,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 @router.post("/detokenize", responses=error_responses(400, 401, 404, 413))
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state: ServerState = request.app.state.kvserve
-    state.check_model(body.model)
+    state.resolve_model(body.model)
     vocab = state.engine.engine.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
