@@ -75,8 +75,9 @@ def queried_metrics() -> set[str]:
 @pytest.fixture(scope="module")
 def served(tiny_model) -> Iterator[Server]:
     """A real kvserve after known traffic: completions of exactly MAX_TOKENS tokens (one streamed) and one
-    rejected request, so histograms, counters and the error counter all have samples."""
-    with running_server(tiny_model("qwen2"), "--kv-cache-memory", "16MiB") as server:
+    rejected request, so histograms, counters and the error counter all have samples; --enable-lora so the
+    LoRA metrics are on /metrics too."""
+    with running_server(tiny_model("qwen2"), "--kv-cache-memory", "16MiB", "--enable-lora") as server:
         client = server.client()
         model = client.models.list().data[0].id
         extra = {"ignore_eos": True}
