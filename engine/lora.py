@@ -5,7 +5,8 @@ the base weights: the base matmul runs once for the whole batch and each adapted
 for each row, ``x A^T B^T scale`` of that row's adapter (rows of the base model add nothing). The
 adapters of a step sit in ``max_loras`` preallocated slots per adapted linear (``LoRALayer``); a
 step's rows point at their slots (``LoRABatch``), so one batch mixes the base and several adapters.
-On CPU the rows are grouped by slot into one padded batched matmul (shrink to the rank, then expand);
+On CPU a long run of rows of one adapter (a prefill chunk) is multiplied in place, and the other
+rows are grouped by slot into one padded batched matmul (shrink to the rank, then expand);
 on CUDA a segmented Triton kernel (engine.lora_triton) reads the same slots, and a decode step's
 CUDA graph takes the rows' slots as an input tensor.
 
@@ -25,7 +26,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from engine.errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+LONG_RUN = 8  # consecutive rows of one adapter multiplied in place on CPU rather than gathered (LoRABatch)
 # PEFT's module name -> (our linear under model.layers.N, slice of it)
 TARGETS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1), "v_proj": ("self_attn.qkv_proj", 2),
            "o_proj": ("self_attn.o_proj", 0), "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
@@ -147,11 +149,14 @@ def slice_sizes(modules: dict, linear_name: str) -> tuple[int, ...]:
 
 @dataclass
 class LoRABatch:
-    """One step's rows and their slots. CPU: the rows with an adapter (``rows``; None: all the first
-    ``max_rows``), sorted by slot, and their places ``pad`` in a [num_slots, max_rows] grid over slots
-    ``lo..lo+num_slots`` (None: the grid is the rows themselves). CUDA: runs of rows of one slot
-    (segments), or a CUDA graph's static buffers of one segment per row."""
+    """One step's rows and their adapter slots. CPU: ``runs`` (start, end, slot) of at least LONG_RUN
+    consecutive rows of one slot (a prefill chunk; decodes of one adapter side by side) multiply in place;
+    the other adapted rows (``rows``, sorted by slot; None: there are none) are gathered into a
+    [num_slots, max_rows] grid over slots ``lo..lo+num_slots``, at places ``pad`` (None: they fill it
+    exactly), for one batched matmul, so a long run never pads the grid to its length. CUDA: every run
+    as a segment, or a CUDA graph's static buffers of one segment per row."""
 
+    runs: list[tuple[int, int, int]] = field(default_factory=list)
     rows: torch.Tensor | None = None
     pad: torch.Tensor | None = None
     lo: int = 0
@@ -165,31 +170,32 @@ class LoRABatch:
     @classmethod
     def build(cls, row_slots: list[int], device: torch.device) -> LoRABatch | None:
         """The batch of a step whose row i uses slot ``row_slots[i]`` (-1: the base model); None when no row has one."""
-        if device.type == "cuda":
-            starts = [i for i, s in enumerate(row_slots) if s >= 0 and (i == 0 or row_slots[i - 1] != s)]
-            if not starts:
-                return None
-            lens = [next((j for j in range(i, len(row_slots)) if row_slots[j] != row_slots[i]), len(row_slots)) - i
-                    for i in starts]
-            to = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
-            return cls(seg_start=to(starts), seg_len=to(lens), seg_slot=to([row_slots[i] for i in starts]),
-                       max_seg_len=max(lens))
-        adapted = sorted((s, i) for i, s in enumerate(row_slots) if s >= 0)
-        if not adapted:
+        runs, start = [], 0
+        for i in range(1, len(row_slots) + 1):
+            if i == len(row_slots) or row_slots[i] != row_slots[start]:
+                if row_slots[start] >= 0:
+                    runs.append((start, i, row_slots[start]))
+                start = i
+        if not runs:
             return None
-        lo, hi = adapted[0][0], adapted[-1][0] + 1
+        if device.type == "cuda":
+            to = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+            return cls(seg_start=to([a for a, _, _ in runs]), seg_len=to([b - a for a, b, _ in runs]),
+                       seg_slot=to([slot for _, _, slot in runs]), max_seg_len=max(b - a for a, b, _ in runs))
+        short = sorted((slot, i) for a, b, slot in runs if b - a < LONG_RUN for i in range(a, b))
+        long = [run for run in runs if run[1] - run[0] >= LONG_RUN]
+        if not short:
+            return cls(runs=long)
+        lo, hi = short[0][0], short[-1][0] + 1
         counts, places = [0] * (hi - lo), []
-        for slot, _ in adapted:  # each row's place within its slot's group
+        for slot, _ in short:  # each row's place within its slot's group
             places.append(counts[slot - lo])
             counts[slot - lo] += 1
         max_rows = max(counts)
-        pad = [(slot - lo) * max_rows + k for (slot, _), k in zip(adapted, places)]
-        if len(adapted) == len(row_slots) and hi - lo == 1:
-            return cls(lo=lo, num_slots=1, max_rows=len(row_slots))  # every row, one adapter: no gather
+        pad = [(slot - lo) * max_rows + k for (slot, _), k in zip(short, places)]
         to = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-        identity = pad == list(range(len(pad)))
-        return cls(rows=to([i for _, i in adapted]), pad=None if identity else to(pad), lo=lo, num_slots=hi - lo,
-                   max_rows=max_rows)
+        return cls(runs=long, rows=to([i for _, i in short]), pad=None if pad == list(range((hi - lo) * max_rows)) else to(pad),
+                   lo=lo, num_slots=hi - lo, max_rows=max_rows)
 
 
 class LoRALayer:
@@ -218,24 +224,26 @@ class LoRALayer:
             return y
         if batch.seg_slot is not None:
             return self._add_segments(x, y, batch)
+        r = self.rank
+        for start, end, slot in batch.runs:  # matmuls adding into y's rows and slices in place
+            t = x[start:end] @ self.A[slot].t()
+            for s, (first, n) in enumerate(self.columns):
+                y[start:end, first:first + n].addmm_(t[:, s * r:(s + 1) * r], self.B[slot, :, first:first + n])
+        if batch.rows is None:
+            return y
         k, m = batch.num_slots, batch.max_rows
-        xs = x[:m] if batch.rows is None else x.index_select(0, batch.rows)
+        xs = x.index_select(0, batch.rows)
         if batch.pad is not None:
             xs = xs.new_zeros(k * m, x.shape[1]).index_copy_(0, batch.pad, xs)
         a, b = self.A[batch.lo:batch.lo + k], self.B[batch.lo:batch.lo + k]
         t = torch.bmm(xs.view(k, m, -1), a.transpose(1, 2))
         if len(self.columns) == 1:
             u = torch.bmm(t, b)
-        else:
-            u = torch.cat([torch.bmm(t[..., s * self.rank:(s + 1) * self.rank], b[..., start:start + n])
-                           for s, (start, n) in enumerate(self.columns)], dim=-1)
+        else:  # one scatter of whole rows below: index_add_ into a column slice of y is ~2x slower
+            u = torch.cat([torch.bmm(t[..., s * r:(s + 1) * r], b[..., first:first + n])
+                           for s, (first, n) in enumerate(self.columns)], dim=-1)
         u = u.view(k * m, -1)
-        if batch.pad is not None:
-            u = u.index_select(0, batch.pad)
-        if batch.rows is None:
-            y[:m] += u
-        else:
-            y.index_add_(0, batch.rows, u)
+        y.index_add_(0, batch.rows, u if batch.pad is None else u.index_select(0, batch.pad))
         return y
 
     def _add_segments(self, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch) -> torch.Tensor:

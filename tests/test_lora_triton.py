@@ -90,7 +90,8 @@ def test_shrink_and_expand_equal_float64(layout, shape, rank, dtype):
     assert torch.equal(y._base[outside], y_base[outside])  # nothing written outside the view
 
 
-@pytest.mark.parametrize("row_slots", [[2, 2, -1, 0, 0, 0, -1, 1, 2, 0], [1] * 5])
+@pytest.mark.parametrize("row_slots", [[2, 2, -1, 0, 0, 0, -1, 1, 2, 0], [1] * 5, [1] * 12,
+                                       [0] * 9 + [1, 2, -1, 1] + [2] * 8 + [-1]])  # runs of LONG_RUN+ and short rows
 def test_layer_segments_path_equals_cpu_path(row_slots):
     """LoRALayer through the kernels (segments) == its gather + bmm path == the adapters' pieces in float64."""
     torch.manual_seed(0)
