@@ -3,9 +3,11 @@ evenly over 1, 4 and 16 distinct rank-16 adapters on all seven projections, besi
 alone, in one run on bench-135m (dummy weights); and what a cold adapter costs (reading and checking
 its folder, then its first request over the base model's).
 
-    python benchmarks/lora.py [--adapters 1 4 16] [--dtype auto] [--num-requests 64] [--out FILE]
+    python benchmarks/lora.py [--adapters 1 4 16] [--dtype auto] [--num-requests 64] [--rounds 3] [--out FILE]
 
-Every request is forced to its full output length (ignore_eos); output tokens/s include prefill.
+Every request is forced to its full output length (ignore_eos); output tokens/s include prefill. The
+base model runs in an engine without LoRA; each round runs every config once, and the report gives
+per config the median tok/s and the median of its per-round ratio to the base.
 """
 
 from __future__ import annotations
@@ -62,13 +64,13 @@ def throughput(llm, batch: list[list[int]], loras: list | None, output_len: int)
     return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
 
 
-def cold_load(llm, adapters: list, input_len: int) -> dict:
+def cold_load(llm, adapters: list, unseen: list[list[int]]) -> dict:
     """Per fresh adapter: reading and checking its folder, and its first one-token request's time over
-    the base model's on another unseen prompt of the same length (no prefix-cache hit for either)."""
+    the base model's, each on an unseen prompt (no prefix-cache hit for either)."""
     from engine import SamplingParams
 
     one = SamplingParams(max_tokens=1, ignore_eos=True)
-    fresh = iter(prompts(2 * len(adapters), input_len, llm.engine.vocab_size, seed=7))
+    fresh = iter(unseen)
 
     def request_s(lora) -> float:
         start = time.perf_counter()
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="auto", help="auto: float32 on CPU")
     parser.add_argument("--num-requests", type=int, default=WORKLOADS["w2"]["num_requests"])
+    parser.add_argument("--rounds", type=int, default=3, help="each config once per round; medians over rounds")
     parser.add_argument("--model-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "kvserve", "bench-135m"))
     parser.add_argument("--out", default="benchmarks/results/lora.json")
     args = parser.parse_args()
@@ -105,28 +108,31 @@ def main() -> None:
              for i in range(most + 5)]  # the last five stay cold for the load measurement
     engine = dict(dtype=args.dtype, load_format="dummy", kv_cache_memory="2GiB", max_num_seqs=work["concurrency"])
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    batch = prompts(args.num_requests, work["input_len"], vocab)
+    seeds = iter(range(1_000_000))
+
+    def batch() -> list[list[int]]:  # unseen prompts for every run: no prefix-cache hit from an earlier one
+        return prompts(args.num_requests, work["input_len"], vocab, seed=next(seeds))
     report = {"machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
               "dtype": args.dtype, "rank": args.rank, "workload": {**work, "num_requests": args.num_requests}, "results": {}}
 
     base = LLM(str(model_dir), **engine)
-    throughput(base, batch[:2], None, 4)  # warm-up
-    report["results"]["base"] = {"out_tok_s": throughput(base, batch, None, work["output_len"])}
-    print("base", report["results"]["base"], flush=True)
-    del base
-
     llm = LLM(str(model_dir), **engine, enable_lora=True, max_loras=most, max_lora_rank=args.rank)
-    lora = llm.engine.lora
-    base_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
-    report["adapter_slot_bytes"], report["base_weight_bytes"] = lora.nbytes // most, base_bytes
-    for n in args.adapters:
-        spread = [loras[i % n] for i in range(args.num_requests)]
-        throughput(llm, batch[:n], spread[:n], 4)  # every adapter read and in a slot before timing
-        row = {"out_tok_s": throughput(llm, batch, spread, work["output_len"])}
-        row["vs_base"] = row["out_tok_s"] / report["results"]["base"]["out_tok_s"]
-        report["results"][f"{n}_adapters"] = row
-        print(n, "adapters", row, flush=True)
-    report["cold_load"] = cold_load(llm, loras[most:], work["input_len"])
+    report["adapter_slot_bytes"] = llm.engine.lora.nbytes // most
+    report["base_weight_bytes"] = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
+    spreads = {f"{n}_adapters": [loras[i % n] for i in range(args.num_requests)] for n in args.adapters}
+    throughput(base, batch()[:2], None, 4)  # warm-up
+    for spread in spreads.values():
+        throughput(llm, batch()[:len(set(spread))], spread[:len(set(spread))], 4)  # every adapter read and in a slot
+    rounds: list[dict[str, float]] = []
+    for _ in range(args.rounds):  # interleaved, so a drifting machine moves base and adapters alike
+        row = {"base": throughput(base, batch(), None, work["output_len"])}
+        row.update({name: throughput(llm, batch(), spread, work["output_len"]) for name, spread in spreads.items()})
+        rounds.append(row)
+        print(json.dumps({name: round(v, 1) for name, v in row.items()}), flush=True)
+    report["rounds"] = rounds
+    report["results"] = {name: {"out_tok_s_p50": statistics.median(r[name] for r in rounds),
+                                "vs_base_p50": statistics.median(r[name] / r["base"] for r in rounds)} for name in rounds[0]}
+    report["cold_load"] = cold_load(llm, loras[most:], batch()[:10])
     print("cold load", report["cold_load"], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
