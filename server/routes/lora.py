@@ -11,6 +11,8 @@ from server.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from server.serving import ServerState
 
 router = APIRouter()
+# vLLM answers these in plain text; their errors are OpenAI's JSON bodies.
+RESPONSES = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **error_responses(400, 401, 404)}
 
 
 def runtime_updating(request: Request) -> ServerState:
@@ -21,15 +23,15 @@ def runtime_updating(request: Request) -> ServerState:
     return state
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=error_responses(400, 401, 404))
-async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> str:
+@router.post("/v1/load_lora_adapter", responses=RESPONSES)
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
     """Read and check the adapter first (a 400 names the problem); from then on ``lora_name`` is a model."""
     lora = await runtime_updating(request).load_adapter(body.lora_name, body.lora_path)
-    return f"Success: LoRA adapter '{lora.lora_name}' added successfully."
+    return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=error_responses(400, 401, 404))
-async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> str:
+@router.post("/v1/unload_lora_adapter", responses=RESPONSES)
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
     """New requests for it get 404 at once; requests already running finish with it."""
     await runtime_updating(request).unload_adapter(body.lora_name)
-    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
