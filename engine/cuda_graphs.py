@@ -129,7 +129,7 @@ class DecodeGraphs:
         self.context_lens[b:size].fill_(1)
         self.block_tables[:b, :width].copy_(ints[:, 1:], non_blocking=True)
         if self.lora is not None:
-            self.lora_slots[:b].copy_(torch.tensor(self.lora.row_slots, dtype=torch.int32), non_blocking=True)
+            self.lora_slots[:b].copy_(torch.tensor(self.lora.item_slots, dtype=torch.int32), non_blocking=True)
             self.lora_slots[b:size].fill_(-1)
         self.replays += 1
         if size not in self.graphs:  # no CUDA: the same buffers, called directly

@@ -168,14 +168,18 @@ class LoRABatch:
     max_seg_len: int = 1
 
     @classmethod
-    def build(cls, row_slots: list[int], device: torch.device) -> LoRABatch | None:
-        """The batch of a step whose row i uses slot ``row_slots[i]`` (-1: the base model); None when no row has one."""
-        runs, start = [], 0
-        for i in range(1, len(row_slots) + 1):
-            if i == len(row_slots) or row_slots[i] != row_slots[start]:
-                if row_slots[start] >= 0:
-                    runs.append((start, i, row_slots[start]))
-                start = i
+    def build(cls, item_slots: list[int], num_rows: list[int], device: torch.device) -> LoRABatch | None:
+        """The batch of a step whose item i (a request's rows, in order) has ``num_rows[i]`` rows of slot
+        ``item_slots[i]`` (-1: the base model); None when no row has an adapter. Runs come from the
+        items, so only rows of short runs are visited one by one."""
+        runs: list[tuple[int, int, int]] = []
+        start = 0
+        for slot, n in zip(item_slots, num_rows):
+            if runs and runs[-1][1] == start and runs[-1][2] == slot:  # the run goes on into this item
+                runs[-1] = (runs[-1][0], start + n, slot)
+            elif slot >= 0 and n:
+                runs.append((start, start + n, slot))
+            start += n
         if not runs:
             return None
         if device.type == "cuda":
@@ -274,7 +278,7 @@ class LoRAManager:
         self.slots: OrderedDict[bytes, int] = OrderedDict()  # adapter uid -> its slot, least recent first
         self.batch: LoRABatch | None = None
         self.slot_loads = 0  # adapters copied into a slot (a reload after eviction counts again)
-        self.row_slots: list[int] = []  # the step's slot per row, for a CUDA graph's input buffer
+        self.item_slots: list[int] = []  # the step's slot per item; a decode step's items are its rows (a CUDA graph's input)
 
     @property
     def nbytes(self) -> int:
@@ -318,5 +322,5 @@ class LoRAManager:
                 layer.load(slot, adapter.pieces.get(name, []))
             self.slots[uid] = slot
             self.slot_loads += 1
-        self.row_slots = [self.slots[a.uid] if a is not None else -1 for a, n in zip(adapters, num_rows) for _ in range(n)]
-        self.batch = LoRABatch.build(self.row_slots, device)
+        self.item_slots = [self.slots[a.uid] if a is not None else -1 for a in adapters]
+        self.batch = LoRABatch.build(self.item_slots, num_rows, device)

@@ -110,13 +110,16 @@ class ServerState:
     async def load_adapter(self, name: str, path: str) -> LoRARequest:
         """Read and check the adapter at ``path`` on the engine thread, then serve it as ``name``
         (a 400 naming what is wrong: the name taken, a missing file, a refused config, its rank)."""
+        taken = APIError(400, f"the model name {name!r} is already served", "lora_name")
         if name in self.settings.served_model_names or name in self.adapters:
-            raise APIError(400, f"the model name {name!r} is already served", "lora_name")
+            raise taken
         lora = LoRARequest(name, next(self._lora_ids), path)
         try:
             await self.engine.call(lambda engine: engine.lora_adapter(lora))
         except InvalidRequestError as exc:
             raise bad_request(exc) from None
+        if name in self.adapters:  # a concurrent load of the same name finished first
+            raise taken
         self.adapters[name] = lora
         return lora
 

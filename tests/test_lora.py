@@ -85,12 +85,12 @@ def requests_of(adapters: dict[str, Path]) -> dict[str, LoRARequest]:
 
 
 def record_steps(llm: LLM) -> list[list[int]]:
-    """Each step's slot per row (-1: the base model), recorded as the engine prepares it."""
+    """Each step's slot per item (a request's rows; -1: the base model), recorded as the engine prepares it."""
     steps, prepare = [], llm.engine.lora.prepare
 
     def recording(*args, **kwargs):
         prepare(*args, **kwargs)
-        steps.append(list(llm.engine.lora.row_slots))
+        steps.append(list(llm.engine.lora.item_slots))
 
     llm.engine.lora.prepare = recording
     return steps

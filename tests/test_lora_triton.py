@@ -113,7 +113,7 @@ def test_layer_segments_path_equals_cpu_path(row_slots):
             start, n = columns[s]
             want[row, start:start + n] += x[row].double() @ a.double().T @ bt.double()
 
-    manager.batch = LoRABatch.build(row_slots, torch.device("cpu"))
+    manager.batch = LoRABatch.build(row_slots, [1] * len(row_slots), torch.device("cpu"))
     assert manager.batch.seg_slot is None  # the CPU path
     cpu = layer(x, y.clone())
     runs = [(i, s) for i, s in enumerate(row_slots) if s >= 0 and (i == 0 or row_slots[i - 1] != s)]

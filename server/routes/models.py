@@ -13,12 +13,10 @@ router = APIRouter()
 
 def model_cards(request: Request) -> list[ModelCard]:
     state: ServerState = request.app.state.kvserve
-    created = request.app.state.started
-    base = [ModelCard(id=name, created=created, owned_by="kvserve", root=state.settings.model_path,
-                      max_model_len=state.max_model_len) for name in state.settings.served_model_names]
-    adapters = [ModelCard(id=name, created=created, owned_by="kvserve", root=lora.lora_path, parent=state.model_name,
-                          max_model_len=state.max_model_len) for name, lora in state.adapters.items()]
-    return base + adapters
+    served = [(name, state.settings.model_path, None) for name in state.settings.served_model_names]
+    served += [(name, lora.lora_path, state.model_name) for name, lora in state.adapters.items()]
+    return [ModelCard(id=name, created=request.app.state.started, owned_by="kvserve", root=root, parent=parent,
+                      max_model_len=state.max_model_len) for name, root, parent in served]
 
 
 @router.get("/v1/models", responses=error_responses(401))
