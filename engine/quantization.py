@@ -14,13 +14,14 @@ in PyTorch, so it is kept exact as two int4 planes, ``q = 16 * hi + lo``: ``hi``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 METHODS = ("int8", "int4")
 INT4_GROUP_SIZE = 32  # llama.cpp's block size; torch's int4 kernel takes 32, 64, 128 or 256
+KERNEL_DTYPE = torch.bfloat16  # the packed CPU kernels' activations, scales and zeros (their float32 path is scalar)
 
 
 @dataclass
@@ -52,6 +53,10 @@ class QuantizedWeight:
         planes = groups * self.scale[..., None] + self.zero[..., None]
         return planes.sum(0).view(out, cols)
 
+    def rounded(self) -> QuantizedWeight:
+        """The same integers with the scales and zeros the packed kernels see (a GGUF file's are fp16)."""
+        return replace(self, scale=to_kernel_dtype(self.scale), zero=None if self.zero is None else to_kernel_dtype(self.zero))
+
     def rows(self, permute) -> QuantizedWeight:
         """The same weight with its rows reordered by ``permute`` (a function of a rows-first tensor)."""
         def per_row(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -79,7 +84,7 @@ def quantize(weight: torch.Tensor, method: str) -> QuantizedWeight:
     of 32 (min/max, as llama.cpp's Q4_1)."""
     w = weight.detach().float()
     if method == "int8":
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        scale = to_kernel_dtype((w.abs().amax(dim=1) / 127).clamp(min=1e-12))
         return QuantizedWeight(8, torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale, None,
                                w.shape[1])
     if method != "int4":
@@ -87,9 +92,16 @@ def quantize(weight: torch.Tensor, method: str) -> QuantizedWeight:
     out, cols = w.shape
     groups = w.view(out, cols // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = ((high - low) / 15).clamp(min=1e-12)
-    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(1, out, cols)
-    return QuantizedWeight(4, q, scale[None], (low + 8 * scale)[None], INT4_GROUP_SIZE)
+    scale = to_kernel_dtype(((high - low) / 15).clamp(min=1e-12))
+    zero = to_kernel_dtype(low + 8 * scale)  # the value of q = 8
+    q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8).view(1, out, cols)
+    return QuantizedWeight(4, q, scale[None], zero[None], INT4_GROUP_SIZE)
+
+
+def to_kernel_dtype(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to what the packed kernels see, kept in float32: quantizing against the rounded scales
+    makes the dense weight (``dequantize``) exactly the values the kernels multiply by."""
+    return t.to(KERNEL_DTYPE).float()
 
 
 def can_quantize(shape: tuple[int, int], method: str) -> str | None:

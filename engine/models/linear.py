@@ -19,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.quantization import QuantizedWeight
+from engine.quantization import KERNEL_DTYPE, QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
 # Row counts the probe times (then the step's whole token budget); each form serves the rows up to the
 # largest count at which it was the fastest, the last one everything above.
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)
-PACKED_DTYPE = torch.bfloat16  # the packed kernels' fast activation dtype (their float32 path is scalar)
 
 
 class PackedWeight:
@@ -36,15 +35,15 @@ class PackedWeight:
     def __init__(self, weight: QuantizedWeight):
         self.bits, self.group_size = weight.bits, weight.group_size
         if weight.bits == 8:
-            self.planes = [(weight.q.contiguous(), weight.scale.to(PACKED_DTYPE))]
+            self.planes = [(weight.q.contiguous(), weight.scale.to(KERNEL_DTYPE))]
         else:
             self.planes = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1),
-                            torch.stack([scale.t(), zero.t()], dim=-1).to(PACKED_DTYPE).contiguous())
+                            torch.stack([scale.t(), zero.t()], dim=-1).to(KERNEL_DTYPE).contiguous())
                            for q, scale, zero in zip(weight.q, weight.scale, weight.zero)]
         self.nbytes = sum(t.numel() * t.element_size() for plane in self.planes for t in plane)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(PACKED_DTYPE)
+        x = x.to(KERNEL_DTYPE)
         if self.bits == 8:
             return torch.ops.aten._weight_int8pack_mm(x, *self.planes[0])
         out = None
@@ -77,7 +76,10 @@ class Linear(nn.Linear):
         return self._dense(x)  # no plan: on GPU, or before the probe
 
     def set_quantized(self, weight: QuantizedWeight) -> None:
+        """Pack ``weight`` for the few-row kernels and make the dense weight the very values they multiply by
+        (its scales rounded to bf16), so that which form serves a batch never changes the result."""
         self.packed = PackedWeight(weight)
+        self.weight.data.copy_(weight.rounded().dequantize())
 
     def forms(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The forms this layer can run on CPU, by name; each takes and returns the model's dtype."""
@@ -91,7 +93,11 @@ class Linear(nn.Linear):
         return forms
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        # Round input and output as the packed kernel does: greedy text must not depend on the batch size
+        y = F.linear(x.to(KERNEL_DTYPE).to(x.dtype), self.weight).to(KERNEL_DTYPE).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
     def _float32(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), *self._fp32).to(x.dtype)

@@ -124,7 +124,6 @@ def quantize_linears(model: torch.nn.Module, method: str, file_weights: dict[str
             dense[name] = reason
             continue
         layer.set_quantized(weight)
-        layer.weight.data.copy_(weight.dequantize())  # larger batches' dense path: the very same weights
         packed_bytes += layer.packed.nbytes
     logger.info("quantization %s: %.1f MB of packed weights in %d layers%s", method, packed_bytes / 1e6,
                 sum(isinstance(m, Linear) and m.packed is not None for m in model.modules()),
