@@ -265,7 +265,9 @@ def test_packed_logits_equal_the_dequantized_float32_path_within_bf16_rounding(s
 def test_packed_greedy_chat_equals_float32_or_parts_at_a_near_tie(smollm2_pair):
     """The 8 chats of test_gguf, up to 32 greedy tokens: the packed default gives the float32 path's text,
     or parts from it where float32 itself had two tokens within 0.2 nats (what bf16 activations move a
-    logit here) of each other; and it keeps float32's text as often as the dense model run in bf16 does."""
+    logit here) of each other; and it keeps float32's text as often as the dense model run in bf16 does.
+    The bf16 model is only the yardstick: its residual stream is bf16 too, and on CPUs whose bf16 GEMM
+    rounds differently (AMX) it was seen parting from float32 at a 0.26-nat gap, so only its count is used."""
     packed, exact, bf16 = smollm2_pair
     tok = packed.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True,
@@ -281,7 +283,7 @@ def test_packed_greedy_chat_equals_float32_or_parts_at_a_near_tie(smollm2_pair):
                 continue
             at = next(i for i, (a, b) in enumerate(zip(want.token_ids, got.token_ids)) if a != b)
             top2 = sorted(want.logprobs[at].top.values(), reverse=True)[:2]
-            assert top2[0] - top2[1] < 0.2, (name, tok.decode(want.token_ids), tok.decode(got.token_ids), top2)
+            assert name == "bf16" or top2[0] - top2[1] < 0.2, (name, tok.decode(want.token_ids), tok.decode(got.token_ids), top2)
     assert same["packed"] >= min(same["bf16"], 6) - 2, same
 
 
