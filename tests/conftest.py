@@ -93,3 +93,12 @@ def smollm2_gguf() -> Path:
         return Path(embedded_model())
     except SystemExit as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2_float32(smollm2_gguf):
+    """The file dequantized to float32, as transformers reads it: test_gguf compares it with transformers,
+    test_quantization the packed default with it (one build for both: it takes seconds)."""
+    from engine import LLM
+
+    return LLM(str(smollm2_gguf), dtype="float32", kv_cache_memory="64MiB", max_model_len=1024, quantization="none")

@@ -146,9 +146,9 @@ def run_soak(tiny_model, num_requests: int) -> None:
 
 
 def test_soak_mixed_requests_under_preemption(tiny_model):
-    """150 mixed requests (streamed or not, JSON schema, tools, clients hanging up) on a KV cache small enough
+    """80 mixed requests (streamed or not, JSON schema, tools, clients hanging up) on a KV cache small enough
     to preempt: each finished one got exactly max_tokens, every block comes back, memory stays put."""
-    run_soak(tiny_model, 150)
+    run_soak(tiny_model, 80)
 
 
 @pytest.mark.slow

@@ -50,10 +50,8 @@ def hf_model(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_gguf):
-    """The file dequantized to float32, as transformers reads it (tests/test_quantization.py compares the
-    packed default with this)."""
-    return LLM(str(smollm2_gguf), dtype="float32", kv_cache_memory="64MiB", max_model_len=1024, quantization="none")
+def llm(smollm2_float32):
+    return smollm2_float32
 
 
 def test_config_equals_transformers(llm, hf_model):

@@ -232,12 +232,12 @@ def test_perplexity_within_bound_of_the_unquantized_model(method, bound, tiny_mo
 
 
 @pytest.fixture(scope="module")
-def smollm2_pair(smollm2_gguf):
+def smollm2_pair(smollm2_gguf, smollm2_float32):
     """The embedded model served packed (the default for a GGUF file), dequantized in float32, and
     dequantized in bf16 (the yardstick for "within bf16 rounding")."""
     def build(**kwargs) -> LLM:
         return LLM(str(smollm2_gguf), kv_cache_memory="64MiB", max_model_len=1024, **kwargs)
-    return build(), build(quantization="none", dtype="float32"), build(quantization="none", dtype="bfloat16")
+    return build(), smollm2_float32, build(quantization="none", dtype="bfloat16")
 
 
 def test_embedded_model_is_served_packed_by_default(smollm2_pair):

@@ -26,12 +26,12 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module", params=["plain", "draft", "ngram", "int4 draft"])
+@pytest.fixture(scope="module", params=["plain", "draft", *(pytest.param(p, marks=pytest.mark.slow) for p in ("ngram", "int4 draft"))])
 def llm(request, tiny_model, draft_of):
     """The random Qwen2 model "wants" arbitrary tokens from a 151k vocabulary: only the mask keeps it
     valid. Every test runs without speculation, with a draft model, and with n-gram lookup: the
-    grammar must hold at every draft position and across rollbacks; and once with int4 packed
-    weights (target and draft)."""
+    grammar must hold at every draft position and across rollbacks; and with int4 packed weights
+    (target and draft). The last two run the whole module under -m slow, the nested schema by default."""
     target = tiny_model("qwen2")
     draft = dict(method="draft", draft_model=str(draft_of(target, noise=0.02)), adaptive=False)
     spec = {"plain": None, "draft": draft, "ngram": dict(method="ngram", adaptive=False), "int4 draft": draft}
@@ -74,6 +74,11 @@ def test_json_schema_outputs_always_validate(llm, name):
     for out in finished:
         value = json.loads(out.text)
         jsonschema.validate(value, schema, format_checker=jsonschema.FormatChecker())
+
+
+@pytest.mark.parametrize("llm", ["ngram", "int4 draft"], indirect=True)
+def test_nested_schema_with_ngram_lookup_and_with_int4_weights(llm):
+    test_json_schema_outputs_always_validate(llm, "nested")
 
 
 def max_blank_run_outside_strings(text: str) -> int:

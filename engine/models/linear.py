@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 # Row counts the probe times (then the step's whole token budget); each form serves the rows up to the
 # largest count at which it was the fastest, the last one everything above.
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)
+GIVE_UP = 2.0  # a form this many times slower than the best one so far stops being timed
 
 
 class PackedWeight:
@@ -133,7 +134,11 @@ class KernelProbe:
             if len(alive) == 1:  # the one form left serves the rest
                 break
             x = torch.randn(rows, layers[0].in_features).to(layers[0].weight.dtype)
-            times = {name: self._time([layer.forms()[name] for layer in layers], x) for name in names if name in alive}
+            last_winner = best[-1][1] if best else None
+            times: dict[str, float] = {}
+            for name in sorted((name for name in names if name in alive), key=lambda name: name != last_winner):
+                give_up = GIVE_UP * min(times.values(), default=float("inf"))
+                times[name] = self._time([layer.forms()[name] for layer in layers], x, give_up)
             winner = min(times, key=times.get)
             alive = {name for name in alive if name == winner or not name.startswith("int")}
             best.append((rows, winner))
@@ -146,14 +151,18 @@ class KernelProbe:
                 plan.append((rows, name))
         return plan
 
-    def _time(self, forms: list[Callable], x: torch.Tensor) -> float:
-        """Best of a few passes: this machine's noise (preempted vCPUs) only ever adds time."""
+    def _time(self, forms: list[Callable], x: torch.Tensor, give_up: float) -> float:
+        """Best of a few passes: this machine's noise (preempted vCPUs) only ever adds time. A form still
+        slower than ``give_up`` after its warm-up pass cannot win, so it gets no more passes (a bf16 GEMM
+        without bf16 hardware runs at 1-2 GFLOP/s: timing it in full took most of a start-up)."""
         best = float("inf")
-        for _ in range(self.repeats + 1):
+        for attempt in range(self.repeats + 1):
             start = time.perf_counter()
             for form in forms:
                 form(x)
             best = min(best, time.perf_counter() - start)
+            if attempt and best > give_up:
+                break
         return best
 
 
