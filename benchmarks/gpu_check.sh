@@ -4,7 +4,8 @@
 #   imports  (60 s)  every module of the GPU path imported (after the carried wheels' install); one
 #                    grammar-constrained generation on the CPU (xgrammar's native code loads)
 #   tests   (200 s)  the `-m gpu` tests: Triton kernels compiled for CUDA vs naive / reference / SDPA,
-#                    KV write, stories260K end to end, CUDA graphs vs eager, KV cache sized by
+#                    KV write, stories260K end to end, CUDA graphs vs eager (and with LoRA adapters
+#                    against peft), KV cache sized by
 #                    --gpu-memory-utilization
 #   kernels  (40 s)  benchmarks/attention_kernels.py: prefill vs SDPA flash, decode vs gather + SDPA
 #   decode  (160 s)  benchmarks/gpu_decode.py: a Llama-3.2-1B-shaped model, W1/W2 eager vs CUDA graphs,

@@ -7,7 +7,8 @@
 #
 #   wheels/         CPython 3.12 manylinux x86-64 wheels of what the image lacks: gguf (engine/models/
 #                   gguf.py, imported by the loader) and xgrammar (engine/structured.py) with the
-#                   packages xgrammar needs that the image lacks (apache-tvm-ffi, pydantic's stack).
+#                   packages xgrammar needs that the image lacks (apache-tvm-ffi, pydantic's stack), and
+#                   peft (the LoRA test's reference; its own dependencies are the image's).
 #                   The image has torch, triton, transformers, numpy, pyyaml, tqdm, requests and
 #                   typing-extensions; carrying one of those would shadow the image's build.
 #   shared/models/  the tokenizers and stories260K the GPU tests and benchmarks read (KVSERVE_SHARED).
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 CARRY=benchmarks/.gpu_carry
 SHARED="${KVSERVE_SHARED:-../shared}"
 WHEELS=(xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 pydantic==2.13.4 pydantic-core==2.46.4
-        annotated-types==0.7.0 typing-inspection==0.4.2 gguf==0.19.0)
+        annotated-types==0.7.0 typing-inspection==0.4.2 gguf==0.19.0 peft==0.22.0)
 MODELS=(stories260K qwen2.5-tokenizer smollm2-135m-config)
 
 rm -rf "$CARRY"

@@ -1,6 +1,6 @@
 """The Triton attention backend compiled for CUDA: the interpreter tests' comparisons on the device
 (fp32 and bf16), long contexts against SDPA, the KV write, the engine end to end, CUDA graphs
-against eager decoding, and the KV cache sized by gpu_memory_utilization.
+against eager decoding (with LoRA adapters too), and the KV cache sized by gpu_memory_utilization.
 Run with ``pytest -m gpu`` on a machine with CUDA (``benchmarks/gpu_check.sh``)."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import STORIES
-from engine import LLM, SamplingParams
+from engine import LLM, LoRARequest, SamplingParams
 from engine.attention import context_slots, write_kv
 from engine.attention.torch_ref import ReferenceBackend
 from test_attention import RAGGED, build_batch, expected_output
 from test_engine import documented_stories_text
+from test_lora import ADAPTERS, GREEDY, PROMPTS, make_adapter, peft_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -168,6 +169,26 @@ def test_cuda_graphs_with_a_draft_model_equal_plain_decoding():
     assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=greedy)] == plain
     spec = llm.engine.stats().spec
     assert llm.engine.runners[1].graphs.replays > 0 and spec.accepted_tokens == spec.draft_tokens > 0
+
+
+def test_lora_adapters_under_cuda_graphs_equal_peft(tiny_model, tmp_path):
+    """Base rows and two adapters' rows in the same decode steps, replayed from graphs (each row's
+    adapter slot is an input of the graph) and run eagerly, through the Triton LoRA kernels: every
+    request's greedy tokens are peft's on the CPU."""
+    base = tiny_model("llama")
+    adapters = {name: make_adapter(base, tmp_path / name, seed, **ADAPTERS[name])
+                for seed, name in enumerate(["attn", "mlp-rslora"])}
+    expected = {name: peft_greedy(base, adapters.get(name), PROMPTS) for name in [None, *adapters]}
+    loras = [None, *(LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items()))]
+    jobs = [(lora, i) for lora in loras for i in range(len(PROMPTS))]
+    for eager in (True, False):
+        llm = LLM(str(base), dtype="float32", device="cuda", kv_cache_memory="32MiB", attention_backend="triton",
+                  enable_lora=True, max_loras=len(adapters), enforce_eager=eager)
+        outs = llm.generate(prompt_token_ids=[PROMPTS[i] for _, i in jobs], sampling_params=GREEDY,
+                            lora_request=[lora for lora, _ in jobs])
+        for (lora, i), out in zip(jobs, outs):
+            assert out.token_ids == expected[lora and lora.lora_name][i], (eager, lora, i)
+    assert llm.engine.runner.graphs.replays > 0
 
 
 def test_gpu_memory_utilization_sizes_the_kv_cache(caplog):
