@@ -5,8 +5,7 @@
 #                    grammar-constrained generation on the CPU (xgrammar's native code loads)
 #   tests   (200 s)  the `-m gpu` tests: Triton kernels compiled for CUDA vs naive / reference / SDPA,
 #                    KV write, stories260K end to end, CUDA graphs vs eager (and with LoRA adapters
-#                    against peft), KV cache sized by
-#                    --gpu-memory-utilization
+#                    against peft), KV cache sized by --gpu-memory-utilization
 #   kernels  (40 s)  benchmarks/attention_kernels.py: prefill vs SDPA flash, decode vs gather + SDPA
 #   decode  (160 s)  benchmarks/gpu_decode.py: a Llama-3.2-1B-shaped model, W1/W2 eager vs CUDA graphs,
 #                    the bandwidth roofline, a 135M-shaped draft
