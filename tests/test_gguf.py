@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.models.gguf import iter_gguf_weights
+from engine.models.gguf_file import GGUFFile, Strings
 
 Q = gguf.GGMLQuantizationType
 
@@ -185,6 +186,41 @@ UNSUPPORTED = {  # case -> (architecture, tensors, the error)
     "rope scaling metadata": ("llama", {"token_embd.weight": f32(4, 32)}, "rope.scaling metadata", {"llama.rope.scaling.type": "yarn"}),
     "metadata": ("llama", {"token_embd.weight": f32(4, 32)}, "GGUF metadata lacks llama.context_length"),
 }
+
+
+def equals_gguf_reader(path: str) -> None:
+    """Our header reader against the gguf package's: every metadata value (string arrays by length) and
+    every tensor's name, type, torch-order shape and bytes."""
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    for key, field in theirs.fields.items():
+        if key.startswith("GGUF."):  # the reader's own header pseudo-fields
+            continue
+        value = ours.metadata[key]
+        if isinstance(value, Strings):
+            assert field.types[-1] == gguf.GGUFValueType.STRING and value.count == len(field.data), key
+        else:
+            assert value == pytest.approx(field.contents()), key
+    assert len(ours.metadata) == len([key for key in theirs.fields if not key.startswith("GGUF.")])
+    assert [(t.name, t.type, t.shape) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, tuple(reversed(t.shape.tolist()))) for t in theirs.tensors]
+    for mine, reference in zip(ours.tensors, theirs.tensors):
+        assert mine.data.tobytes() == np.ascontiguousarray(reference.data).tobytes(), mine.name
+
+
+def test_header_reader_equals_the_gguf_package(smollm2_gguf, tmp_path):
+    equals_gguf_reader(str(smollm2_gguf))  # 49k-token vocabulary and merges, Q4_1 / Q8_0 / F32 tensors
+    small = {"token_embd.weight": f32(4, 32), "output_norm.weight": (np.ones(32, np.float32), Q.F32),
+             "blk.0.attn_v.weight": (np.ones((4, 32), np.float16), Q.F16)}
+    path = write_gguf(tmp_path / "small.gguf", "llama", small, {"llama.context_length": 64, "llama.rope.freq_base": 0.5,
+                                                                "general.name": "tiny"})
+    equals_gguf_reader(path)
+    data = open(path, "rb").read()
+    (tmp_path / "cut.gguf").write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="'blk.0.attn_v.weight' runs past the end of the file"):
+        GGUFFile(str(tmp_path / "cut.gguf"))
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + data[4:])
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        GGUFFile(str(tmp_path / "not.gguf"))
 
 
 @pytest.mark.parametrize("case", UNSUPPORTED)

@@ -5,7 +5,6 @@ batching, chunked prefill, preemption and the prefix cache), perplexity bounds, 
 from __future__ import annotations
 
 import math
-import os
 
 import gguf
 import numpy as np

@@ -1,8 +1,9 @@
 """GGUF files (llama.cpp's single-file format) for the Llama family: config, tokenizer and weights.
 
 The config comes from the file's metadata keys (llama.cpp's names mapped to Hugging Face's), the
-tokenizer (with its chat template) from transformers' GGUF tokenizer converter, and the weights
-from the ``gguf`` package: every tensor is dequantized once at load and renamed to Hugging Face's
+tokenizer (with its chat template) from transformers' GGUF tokenizer converter, the header from
+engine.models.gguf_file, and the weights through the ``gguf`` package: every tensor is dequantized
+once at load and renamed to Hugging Face's
 names, so the models' ``load_weights`` takes them exactly like a safetensors checkpoint; the blocks
 our packed kernels read exactly (Q4_0, Q4_1, Q8_0) are kept as well (engine.quantization).
 
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
+from engine.models.gguf_file import GGUFFile
 from engine.quantization import QuantizedWeight, from_gguf_blocks
 
 # general.architecture -> (transformers model_type, our model class). llama.cpp writes Llama 2/3,
@@ -58,28 +60,28 @@ def is_gguf(path: str) -> bool:
     return path.endswith(".gguf") and os.path.isfile(path)
 
 
-def open_gguf(path: str) -> gguf.GGUFReader:
+def open_gguf(path: str) -> GGUFFile:
     """A reader for a file we can serve: an unsupported architecture, tensor type or tensor, or scaled
     RoPE, is a ValueError naming it, raised before anything is built."""
     return _open_gguf(os.path.abspath(path), os.stat(path).st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=1)
-def _open_gguf(path: str, mtime_ns: int) -> gguf.GGUFReader:
-    """Cached because parsing the metadata takes seconds and a load asks twice (config, then weights);
-    the modification time in the key makes a rewritten file parse again."""
-    reader = gguf.GGUFReader(path)
-    arch = _value(reader, "general.architecture")
+def _open_gguf(path: str, mtime_ns: int) -> GGUFFile:
+    """Cached because a load asks twice (config, then weights); the modification time in the key makes
+    a rewritten file parse again."""
+    reader = GGUFFile(path)
+    arch = reader.metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    unsupported = {t.tensor_type.name for t in reader.tensors} - SUPPORTED_TYPES
+    unsupported = {t.type.name for t in reader.tensors} - SUPPORTED_TYPES
     if unsupported:
         raise ValueError(f"{path}: GGUF tensor type(s) {', '.join(sorted(unsupported))} not supported; "
                          f"supported: {', '.join(sorted(SUPPORTED_TYPES))}")
     # RoPE scaling by metadata (rope.scaling.*: linear, yarn) is not in the config we build, so serving
     # such a file would silently change every attention score. Llama 3.1+'s per-frequency factors
     # (the rope_freqs tensor) are.
-    if _value(reader, f"{arch}.rope.scaling.type", "none") != "none":
+    if reader.metadata.get(f"{arch}.rope.scaling.type", "none") != "none":
         raise ValueError(f"{path}: GGUF files with rope.scaling metadata are not supported")
     for tensor in reader.tensors:
         if tensor.name != ROPE_FREQS:
@@ -87,29 +89,25 @@ def _open_gguf(path: str, mtime_ns: int) -> gguf.GGUFReader:
     return reader
 
 
-def _value(reader: gguf.GGUFReader, key: str, default=None):
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
-
-
 def load_gguf_config(path: str) -> PretrainedConfig:
     """The HF config the metadata describes (the keys transformers' own GGUF loader reads)."""
     reader = open_gguf(path)
-    arch = _value(reader, "general.architecture")
+    metadata = reader.metadata
+    arch = metadata["general.architecture"]
     model_type, model_class = ARCHITECTURES[arch]
-    missing = [f"{arch}.{key}" for key in REQUIRED_KEYS if reader.get_field(f"{arch}.{key}") is None]
+    missing = [f"{arch}.{key}" for key in REQUIRED_KEYS if f"{arch}.{key}" not in metadata]
     if missing:
         raise ValueError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
-    fields = {field: _value(reader, f"{arch}.{key}") for key, field in CONFIG_KEYS.items()}
-    fields |= {field: _value(reader, key) for field, key in TOKEN_ID_KEYS.items()}
+    fields = {field: metadata.get(f"{arch}.{key}") for key, field in CONFIG_KEYS.items()}
+    fields |= {field: metadata.get(key) for field, key in TOKEN_ID_KEYS.items()}
     fields = {field: value for field, value in fields.items() if value is not None}
     fields.setdefault("num_key_value_heads", fields["num_attention_heads"])
     fields.setdefault("sliding_window", None)  # none in the file means full attention, not a class default
-    fields["vocab_size"] = _value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    fields["vocab_size"] = metadata.get(f"{arch}.vocab_size") or metadata["tokenizer.ggml.tokens"].count
     # llama.cpp writes no output matrix when it is the embedding matrix
     fields["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
     # Llama 3.1+: RoPE frequency i is divided by factor i (llama.cpp's form of the llama3 scaling)
-    fields |= {"rope_freq_factors": gguf.quants.dequantize(t.data, t.tensor_type).tolist()
+    fields |= {"rope_freq_factors": gguf.quants.dequantize(t.data, t.type).tolist()
                for t in reader.tensors if t.name == ROPE_FREQS}
     return AutoConfig.for_model(model_type, architectures=[model_class], **fields)
 
@@ -146,7 +144,7 @@ def iter_gguf_weights(path: str, config, packed: dict[str, QuantizedWeight] | No
     With ``packed``, the Q4_0 / Q4_1 / Q8_0 tensors are also put there as they are in the file (exact
     integers and scales), for the packed kernels; the float tensor is then their dequantized value."""
     reader = open_gguf(path)
-    permuted = _value(reader, "general.architecture") in ROPE_PERMUTED
+    permuted = reader.metadata["general.architecture"] in ROPE_PERMUTED
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     for tensor in tqdm(reader.tensors, desc="Loading GGUF tensors", unit="tensor", disable=not progress):
         if tensor.name == ROPE_FREQS:  # part of the config (load_gguf_config), not a weight
@@ -154,12 +152,12 @@ def iter_gguf_weights(path: str, config, packed: dict[str, QuantizedWeight] | No
         name, kind = hf_name(tensor.name)
         unpermute = functools.partial(unpermute_rope_rows, num_heads=heads[kind]) if permuted and kind in heads \
             else None
-        blocks = from_gguf_blocks(tensor.data, tensor.tensor_type.name, tuple(reversed(tensor.shape.tolist()))) \
+        blocks = from_gguf_blocks(tensor.data, tensor.type.name, tensor.shape) \
             if packed is not None and len(tensor.shape) == 2 else None
         if blocks is not None:
             packed[name] = blocks.rows(unpermute) if unpermute else blocks
             yield name, packed[name].dequantize()
             continue
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        values = gguf.quants.dequantize(tensor.data, tensor.type)
         weight = torch.from_numpy(values if values.flags.writeable else values.copy())
         yield name, unpermute(weight) if unpermute else weight
