@@ -20,8 +20,7 @@ from test_attention import RAGGED, build_batch, expected_output
 from test_engine import documented_stories_text
 from test_lora import ADAPTERS, GREEDY, PROMPTS, make_adapter, peft_greedy
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
+INTERPRETED = False  # whether triton was imported for its interpreter (by the CPU tests) before this module
 if torch.cuda.is_available():
     # Only here: importing triton fixes the process's mode (compiled vs interpreter), and on a CPU
     # machine tests/test_triton_attention.py needs it to be the interpreter.
@@ -30,10 +29,12 @@ if torch.cuda.is_available():
 
     from engine.attention import triton_kernels
 
-    if isinstance(tl.sum, InterpretedFunction):
-        pytest.skip("triton was imported under TRITON_INTERPRET=1; run this file in its own process "
-                    "without it (benchmarks/gpu_check.sh does)", allow_module_level=True)
+    INTERPRETED = isinstance(tl.sum, InterpretedFunction)
     TritonBackend = triton_kernels.TritonBackend
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.skipif(INTERPRETED, reason="triton was imported under TRITON_INTERPRET=1; run this file "
+                                                     "in its own process without it (benchmarks/gpu_check.sh does)")]
 
 CUDA = torch.device("cuda")
 
