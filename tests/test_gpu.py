@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import STORIES
-from engine import LLM, LoRARequest, SamplingParams
+from engine import LLM, SamplingParams
 from engine.attention import context_slots, write_kv
 from engine.attention.torch_ref import ReferenceBackend
 from test_attention import RAGGED, build_batch, expected_output
 from test_engine import documented_stories_text
-from test_lora import ADAPTERS, GREEDY, PROMPTS, make_adapter, peft_greedy
+from test_lora import ADAPTERS, GREEDY, PROMPTS, make_adapter, peft_greedy, requests_of
 
 INTERPRETED = False  # whether triton was imported for its interpreter (by the CPU tests) before this module
 if torch.cuda.is_available():
@@ -180,7 +180,7 @@ def test_lora_adapters_under_cuda_graphs_equal_peft(tiny_model, tmp_path):
     adapters = {name: make_adapter(base, tmp_path / name, seed, **ADAPTERS[name])
                 for seed, name in enumerate(["attn", "mlp-rslora"])}
     expected = {name: peft_greedy(base, adapters.get(name), PROMPTS) for name in [None, *adapters]}
-    loras = [None, *(LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items()))]
+    loras = [None, *requests_of(adapters).values()]
     jobs = [(lora, i) for lora in loras for i in range(len(PROMPTS))]
     for eager in (True, False):
         llm = LLM(str(base), dtype="float32", device="cuda", kv_cache_memory="32MiB", attention_backend="triton",

@@ -3,9 +3,9 @@
 The config comes from the file's metadata keys (llama.cpp's names mapped to Hugging Face's), the
 tokenizer (with its chat template) from transformers' GGUF tokenizer converter, the header from
 engine.models.gguf_file, and the weights through the ``gguf`` package: every tensor is dequantized
-once at load and renamed to Hugging Face's
-names, so the models' ``load_weights`` takes them exactly like a safetensors checkpoint; the blocks
-our packed kernels read exactly (Q4_0, Q4_1, Q8_0) are kept as well (engine.quantization).
+once at load and renamed to Hugging Face's names, so the models' ``load_weights`` takes them exactly
+like a safetensors checkpoint; the blocks our packed kernels read exactly (Q4_0, Q4_1, Q8_0) are kept
+as well (engine.quantization).
 
 We build the config ourselves rather than through ``AutoConfig.from_pretrained(gguf_file=...)``:
 transformers parses the whole metadata (100k tokenizer strings) again for it, ~7 s for SmolLM2.

@@ -9,6 +9,7 @@ the type ids, block sizes and dequantization.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -71,7 +72,7 @@ class GGUFFile:
             raise ValueError(f"{path}: tensor {name!r} has ggml type {type_id}, which the gguf package does not know") from None
         block_size, block_bytes = GGML_QUANT_SIZES[qtype]
         row_bytes = shape[-1] // block_size * block_bytes
-        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        rows = math.prod(shape[:-1])
         start = data_start + offset
         if start + rows * row_bytes > len(blob):
             raise ValueError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
