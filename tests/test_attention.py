@@ -11,6 +11,11 @@ from engine.attention import AttentionMetadata, write_kv
 from engine.attention.cpu import SdpaBackend
 from engine.attention.torch_ref import ReferenceBackend, flash_attention
 
+AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # where engine.kernels must build and run
+# SdpaBackend serves short queries from our C kernel where it runs; without it, from one padded SDPA call.
+BACKENDS = [pytest.param(ReferenceBackend, id="reference"), pytest.param(SdpaBackend, id="sdpa+native"),
+            pytest.param(lambda: SdpaBackend(native=False), id="sdpa")]
+
 
 def naive_attention(q, k, v, query_pos, sliding_window=None):
     """softmax(QK^T / sqrt(d)) V with K/V heads repeated for GQA, in float64."""
@@ -69,9 +74,9 @@ def expected_output(q, meta, seqs, full_k, full_v, sliding_window=None):
 RAGGED = [(0, 37), (5, 1), (0, 1), (33, 17), (100, 1), (16, 16), (47, 3), (250, 50), (299, 1)]
 
 
-@pytest.mark.parametrize("backend_cls", [ReferenceBackend, SdpaBackend])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+@pytest.mark.parametrize("group", [1, 4, 8, 20])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_backends_equal_naive_attention(backend_cls, head_dim, group, block_size):
     num_kv_heads = 2
@@ -81,7 +86,7 @@ def test_backends_equal_naive_attention(backend_cls, head_dim, group, block_size
     torch.testing.assert_close(out, expected_output(q, meta, RAGGED, full_k, full_v), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend_cls", [ReferenceBackend, SdpaBackend])
+@pytest.mark.parametrize("backend_cls", BACKENDS)
 def test_sliding_window(backend_cls):
     seqs = [(40, 1), (0, 30), (20, 9)]
     q, k_cache, v_cache, meta, full_k, full_v = build_batch(seqs, 8, 2, 64, 16)
@@ -96,13 +101,26 @@ def test_sliding_window(backend_cls):
     [(5, 1), (40, 1)],  # plain decoding
     [(9, 5), (0, 3), (31, 1), (0, 40)],  # ragged short queries (padded) beside a long prefill
 ])
-def test_short_queries_share_one_padded_call(seqs):
+@pytest.mark.parametrize("native", [pytest.param(True, marks=pytest.mark.skipif(not AVX2, reason="needs AVX2")), False])
+def test_short_queries_share_one_call(seqs, native):
+    """Decodes and verifications: one native call (queries as they are) or one padded SDPA call."""
     q, k_cache, v_cache, meta, full_k, full_v = build_batch(seqs, 8, 2, 64, 16)
-    backend = SdpaBackend()
+    backend = SdpaBackend(native=native)
     meta = backend.build_metadata(meta)
-    assert len(meta.backend_data.prefills) == sum(n > 17 for _, n in seqs)
+    plan = meta.backend_data
+    assert len(plan.prefills) == sum(n > 17 for _, n in seqs)
+    assert (plan.native is not None, plan.batched is not None) == (native, not native)
+    if native:
+        assert len(plan.native) == sum(n for _, n in seqs if n <= 17)
     out = backend.forward(q, k_cache, v_cache, meta)
     torch.testing.assert_close(out, expected_output(q, meta, seqs, full_k, full_v), atol=1e-4, rtol=1e-4)
+
+
+def test_native_kernel_leaves_caches_it_cannot_read_to_sdpa():
+    q, k_cache, v_cache, meta, full_k, full_v = build_batch([(5, 1), (40, 1)], 8, 2, 64, 16)
+    meta.cache_dtype = torch.bfloat16
+    plan = SdpaBackend().build_metadata(meta).backend_data
+    assert plan.native is None and plan.batched is not None
 
 
 def test_online_softmax_rescales_when_a_later_tile_has_the_maximum():
@@ -121,7 +139,7 @@ def test_online_softmax_rescales_when_a_later_tile_has_the_maximum():
 def test_random_ragged_batches(seed):
     g = torch.Generator().manual_seed(seed)
     seqs = [(int(torch.randint(0, 300, (1,), generator=g)), int(torch.randint(1, 64, (1,), generator=g))) for _ in range(6)]
-    for backend_cls in (ReferenceBackend, SdpaBackend):
+    for backend_cls in (ReferenceBackend, SdpaBackend, lambda: SdpaBackend(native=False)):
         q, k_cache, v_cache, meta, full_k, full_v = build_batch(seqs, 8, 2, 64, 16, seed)
         backend = backend_cls()
         out = backend.forward(q, k_cache, v_cache, backend.build_metadata(meta))

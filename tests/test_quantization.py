@@ -4,6 +4,7 @@ batching, chunked prefill, preemption and the prefix cache), perplexity bounds, 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import gguf
@@ -14,9 +15,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import LLM, SamplingParams
+from engine import kernels
+from engine.models import cpu_gemv
 from engine.models.gguf import iter_gguf_weights
 from engine.models.linear import KernelProbe, Linear
-from engine.quantization import can_quantize, quantize
+from engine.quantization import can_quantize, from_gguf_blocks, quantize
 from test_gguf import CHATS, HEADS, TEXT, llama_cpp_permute, write_gguf
 from test_model_exactness import PROMPTS, hf_greedy, run_positions
 
@@ -24,15 +27,20 @@ Q = gguf.GGMLQuantizationType
 PACKED_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
 
 
-def packed_linear(weight, bias: torch.Tensor | None = None, dtype=torch.float32) -> Linear:
-    """A Linear holding ``weight`` (a QuantizedWeight) packed, planned to run packed at every row count."""
+AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # where our kernels must build and run
+KERNELS = ["torch", pytest.param("avx2", marks=pytest.mark.skipif(not AVX2, reason="our kernels need AVX2"))]
+
+
+def packed_linear(weight, bias: torch.Tensor | None = None, dtype=torch.float32, kernel: str = "torch") -> Linear:
+    """A Linear holding ``weight`` (a QuantizedWeight) packed, planned to run packed at every row count on
+    PyTorch's kernel or on ours (engine.models.cpu_gemv)."""
     dense = weight.dequantize()
     layer = Linear(dense.shape[1], dense.shape[0], bias=bias is not None).to(dtype)
     layer.weight.data.copy_(dense)
     if bias is not None:
         layer.bias.data.copy_(bias)
     layer.set_quantized(weight)
-    layer.set_plan([(1 << 62, f"int{weight.bits}")])
+    layer.set_plan([(1 << 62, f"int{weight.bits}" if kernel == "torch" else f"int{layer.gemv.bits}-avx2")])
     return layer
 
 
@@ -43,8 +51,9 @@ def assert_within_bf16_rounding(got: torch.Tensor, exact: torch.Tensor, x: torch
     assert ((got - exact).abs() <= bound).all(), ((got - exact).abs() / bound).max()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda q: q.name)
-def test_gguf_blocks_read_exactly_and_packed_kernels_equal_their_dequantized_weight(qtype, tmp_path):
+def test_gguf_blocks_read_exactly_and_packed_kernels_equal_their_dequantized_weight(qtype, kernel, tmp_path):
     """A written GGUF file: the kept blocks dequantize to exactly gguf-py's values (q rows restored from
     llama.cpp's RoPE order too), and the packed matmul equals the float matmul within bf16 rounding."""
     rng = np.random.default_rng(0)
@@ -62,13 +71,14 @@ def test_gguf_blocks_read_exactly_and_packed_kernels_equal_their_dequantized_wei
     assert q_error < 0.3  # the rows are back in HF's order (a wrong order would be off by O(1))
     for name, weight in packed.items():
         dense = reference[name]
-        for rows in (1, 3, 17):
+        for rows in (1, 2, 3, 5, 17):
             x = torch.randn(rows, dense.shape[1])
-            assert_within_bf16_rounding(packed_linear(weight)(x), F.linear(x, dense), x, dense)
+            assert_within_bf16_rounding(packed_linear(weight, kernel=kernel)(x), F.linear(x, dense), x, dense)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_round_to_nearest_weights_and_packed_kernels(method):
+def test_round_to_nearest_weights_and_packed_kernels(method, kernel):
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 128), torch.randn(96)
     q = quantize(weight, method)
@@ -79,30 +89,29 @@ def test_round_to_nearest_weights_and_packed_kernels(method):
     assert ((step / range_step - 1).abs() <= 2 ** -8).all()  # the range's step, rounded to the kernels' bf16
     assert torch.equal(q.scale, q.scale.bfloat16().float())
     assert ((dense - weight).abs() <= step / 2 + 1e-6).all()  # rounded to the nearest level
-    layer = packed_linear(q, bias)
+    layer = packed_linear(q, bias, kernel=kernel)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(5, 128).to(dtype)
-        y = layer.to(dtype)(x) if dtype == torch.float32 else packed_linear(q, bias, dtype)(x)
+        y = layer.to(dtype)(x) if dtype == torch.float32 else packed_linear(q, bias, dtype, kernel)(x)
         assert y.dtype == dtype
         exact = F.linear(x.float(), dense, bias)
         assert_within_bf16_rounding(y.float(), exact, x.float(), dense)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_greedy_text_does_not_depend_on_which_form_served_the_rows(method, tiny_model):
+def test_greedy_text_does_not_depend_on_which_form_served_the_rows(method, tiny_model, monkeypatch):
     """The probe picks forms by timing, so two starts of one server may serve a decode step from different
     forms: every form rounds as the packed kernel does, and the greedy text is the same under any plan."""
-    llm = LLM(str(tiny_model("llama")), quantization=method, kv_cache_memory="16MiB")
     tok = AutoTokenizer.from_pretrained(str(tiny_model("llama")))
     prompts = [tok.encode(p) for p in PROMPTS]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    texts = []
-    for form in ("dense", method):
-        for layer in llm.engine.model.modules():
-            if isinstance(layer, Linear) and layer.packed is not None:
-                layer.set_plan([(1 << 62, form)])
-        texts.append([o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)])
-    assert texts[0] == texts[1]
+    texts = {}
+    for form in ["dense", method] + [f"{method}-avx2"] * AVX2:
+        monkeypatch.setattr(KernelProbe, "plan", lambda self, layers, form=form: [(1 << 62, form)])
+        llm = LLM(str(tiny_model("llama")), quantization=method, kv_cache_memory="16MiB")
+        assert all(layer.plan_names == {form} for layer in llm.engine.model.modules() if isinstance(layer, Linear))
+        texts[form] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    assert all(texts[form] == texts["dense"] for form in texts), {form: texts[form] == texts["dense"] for form in texts}
 
 
 def test_shapes_the_kernels_cannot_take_are_named():
@@ -121,11 +130,55 @@ def test_probe_runs_packed_for_few_rows_and_dense_for_a_prefill_chunk():
         layers.append(layer)
     with torch.inference_mode():
         plan = KernelProbe(128).plan(layers)
-    assert plan[0][1] == "int4" and plan[-1] == (1 << 62, "dense"), plan
+    assert plan[0][1] in ("int4", "int4-avx2") and plan[-1] == (1 << 62, "dense"), plan
     for layer in layers:
         layer.set_plan(plan)
+        layer.drop_unused_forms()
     x = torch.randn(1, 576)
-    assert torch.equal(layers[0](x), layers[0]._packed(x))
+    one_row = layers[0]._packed if plan[0][1] == "int4" else layers[0]._gemv
+    assert torch.equal(layers[0](x), one_row(x))
+    assert (layers[0].packed is None) == (plan[0][1] == "int4-avx2") and (layers[0].gemv is None) == (plan[0][1] == "int4")
+
+
+@pytest.mark.skipif(not AVX2, reason="our kernels need AVX2")
+@pytest.mark.parametrize("form", ["int4", "int8", "Q8_0"])
+def test_own_kernels_equal_the_dense_weight_within_bf16_rounding(form):
+    """cpu_gemv.c on an odd number of output rows (its two-row tiles end with one alone), several groups,
+    and 1-9 input rows (passes of four, then the rest); the result in bf16 exactly as stored."""
+    torch.manual_seed(0)
+    weight = torch.randn(33, 96)
+    if form == "Q8_0":
+        blocks = gguf.quants.quantize(weight.numpy(), Q.Q8_0)
+        q = from_gguf_blocks(blocks.reshape(-1).view(np.uint8), "Q8_0", (33, 96))
+    else:
+        q = quantize(weight, form)
+    gemv = cpu_gemv.GemvWeight(q)
+    assert gemv.bits == (4 if form == "int4" else 8)
+    dense = q.rounded().dequantize()
+    for rows in range(1, 10):
+        x = torch.randn(rows, 96)
+        y = gemv(x)
+        assert torch.equal(y, y.bfloat16().float())
+        assert_within_bf16_rounding(y, F.linear(x, dense), x, dense)
+
+
+def test_own_kernels_build_once_into_the_cache_and_are_off_without_a_compiler(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KVSERVE_CACHE", str(tmp_path))
+    kernels.library.cache_clear()
+    try:
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        with caplog.at_level(logging.INFO):
+            assert kernels.library() is None
+        assert "own CPU kernels: off" in caplog.text
+        assert not list(tmp_path.glob("kernels/*"))  # no half-written library left behind
+        if AVX2:
+            monkeypatch.delenv("CC")
+            kernels.library.cache_clear()
+            assert kernels.library() is not None
+            built = list(tmp_path.glob("kernels/*"))
+            assert len(built) == 1 and built[0].suffix == ".so"
+    finally:
+        kernels.library.cache_clear()
 
 
 def hf_on_dequantized_weights(path: str, method: str, bf16_activations: bool = False) -> torch.nn.Module:
@@ -166,7 +219,7 @@ def test_quantized_engine_equals_hf_on_the_dequantized_weights(method, tiny_mode
     expected = [hf_greedy(hf, ids, 12) for ids in prompts]
     llm = LLM(path, quantization=method, kv_cache_memory=16 * 16 * 512, max_num_batched_tokens=24, max_num_seqs=16,
               max_model_len=256)
-    assert all(m.packed is not None for m in llm.engine.model.modules() if isinstance(m, Linear))
+    assert all(m.quantized for m in llm.engine.model.modules() if isinstance(m, Linear))
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     assert llm.engine.stats().num_preemptions > 0, "the KV budget was meant to force preemption"
@@ -240,10 +293,14 @@ def smollm2_pair(smollm2_gguf, smollm2_float32):
 
 
 def test_embedded_model_is_served_packed_by_default(smollm2_pair):
-    packed = [m for m in smollm2_pair[0].engine.model.modules() if isinstance(m, Linear)]
-    assert packed and all(m.packed is not None for m in packed)
-    assert {m.packed.bits for m in packed} == {4}  # Q4_1 layers, and the Q8_0 head as two int4 planes
-    assert len(smollm2_pair[0].engine.model.lm_head.packed.planes) == 2
+    """Every layer decodes from a packed form; the Q4_1 layers as int4, the Q8_0 head as two int4 planes
+    (PyTorch's kernel) or as int8 (ours), whichever the probe found faster."""
+    model = smollm2_pair[0].engine.model
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert layers and all(m.quantized and m.plan[0][1] in (m._packed, m._gemv) for m in layers)
+    assert all((m.packed or m.gemv).bits == 4 for m in layers if m is not model.lm_head)
+    head = model.lm_head
+    assert len(head.packed.planes) == 2 if head.packed else head.gemv.bits == 8
 
 
 def test_packed_logits_equal_the_dequantized_float32_path_within_bf16_rounding(smollm2_pair):
@@ -303,7 +360,7 @@ def test_gguf_blocks_fill_every_fused_matrix_and_the_head(tied, tiny_model):
     quantize_linears(model, "gguf", blocks)
     for name, layer in model.named_modules():
         if isinstance(layer, Linear):
-            assert layer.packed is not None, name
+            assert layer.quantized and layer.packed is not None, name
     q, k, v = (blocks[f"model.layers.0.self_attn.{p}_proj.weight"].dequantize() for p in "qkv")
     assert torch.equal(model.model.layers[0].self_attn.qkv_proj.weight, torch.cat([q, k, v]))
     head = blocks["model.embed_tokens.weight" if tied else "lm_head.weight"].dequantize()

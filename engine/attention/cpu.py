@@ -1,4 +1,5 @@
-"""The CPU backend: PyTorch SDPA over each sequence's K/V gathered from the paged cache.
+"""The CPU backend: PyTorch SDPA over each sequence's K/V gathered from the paged cache, and our C kernel
+(engine/kernels/attention.c) for the short queries of decodes and verifications where it can run.
 
 K/V are gathered by whole blocks (one contiguous copy per block, not per token), positions past a
 sequence's context are masked. Sequences with few new tokens (decodes: one; speculative verification:
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine import kernels
 from engine.attention import AttentionBackend, AttentionMetadata, visible
 from engine.config import MAX_SPECULATIVE_TOKENS
 
@@ -75,16 +77,39 @@ class _Prefill:
 class _SdpaPlan:
     batched: _Batched | None
     prefills: list[_Prefill]
+    native: torch.Tensor | None = None  # [queries, 4] for attention.c (then batched is None)
+
+
+def native_queries(rows: list[int], num_new: list[int], meta: AttentionMetadata) -> torch.Tensor | None:
+    """attention.c's description of the short queries (their row, sequence, and visible keys [start, end)),
+    or None where the kernel cannot serve them: it runs float32 caches and head_dim a multiple of 8 up to
+    256, on CPUs where engine.kernels built."""
+    if (meta.cache_dtype != torch.float32 or meta.head_dim % 8 or meta.head_dim > 256 or meta.num_kv_heads == 0
+            or kernels.library() is None):
+        return None
+    queries = []
+    for i in rows:
+        ctx, n = meta.context_lens[i], num_new[i]
+        for j in range(n):
+            pos = ctx - n + j
+            start = 0 if meta.sliding_window is None else max(0, pos - meta.sliding_window + 1)
+            queries.append((meta.query_start[i] + j, i, start, pos + 1))
+    return torch.tensor(queries, dtype=torch.long)
 
 
 class SdpaBackend(AttentionBackend):
+    def __init__(self, native: bool = True):
+        """``native``: serve short queries from attention.c where it can run (off: always SDPA)."""
+        self.native = native
+
     def build_metadata(self, meta: AttentionMetadata) -> AttentionMetadata:
         device, bs = meta.slot_mapping.device, meta.block_size
         # CPUs without bf16/fp16 arithmetic run SDPA much faster in float32 (the upcast copies are small).
         compute = torch.float32 if device.type == "cpu" else meta.cache_dtype
         num_new = [meta.query_start[i + 1] - meta.query_start[i] for i in range(len(meta.context_lens))]
         short = [i for i, n in enumerate(num_new) if n <= MAX_BATCHED_QUERY]
-        batched = self._plan_batched(short, num_new, meta, compute) if short else None
+        native = native_queries(short, num_new, meta) if short and self.native and device.type == "cpu" else None
+        batched = self._plan_batched(short, num_new, meta, compute) if short and native is None else None
         prefills = []
         for i, (ctx, n) in enumerate(zip(meta.context_lens, num_new)):
             if n <= MAX_BATCHED_QUERY:
@@ -97,7 +122,7 @@ class SdpaBackend(AttentionBackend):
                 mask = visible(query_pos[:, None], key_pos[None, :], meta.sliding_window)
             prefills.append(_Prefill(meta.query_start[i], meta.query_start[i + 1],
                                      make_gather(meta.block_tables[i, :num_blocks], meta, compute), mask))
-        meta.backend_data = _SdpaPlan(batched, prefills)
+        meta.backend_data = _SdpaPlan(batched, prefills, native)
         return meta
 
     @staticmethod
@@ -127,6 +152,8 @@ class SdpaBackend(AttentionBackend):
         kv_heads, head_dim = k_cache.shape[2:]
         compute = torch.float32 if q.device.type == "cpu" else q.dtype
         out = torch.empty_like(q)
+        if plan.native is not None:
+            self._native(q, k_cache, v_cache, meta, out)
         if plan.batched is not None:
             d = plan.batched
             b, _, qlen, _ = d.mask.shape
@@ -147,3 +174,15 @@ class SdpaBackend(AttentionBackend):
                                                 scale=meta.scale, enable_gqa=True)
             out[p.start:p.end] = op.squeeze(0).transpose(0, 1).to(q.dtype)
         return out
+
+    @staticmethod
+    def _native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                out: torch.Tensor) -> None:
+        """The short queries' rows of ``out``, from attention.c."""
+        num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+        heads, queries = q.shape[1], meta.backend_data.native
+        q = q.float().contiguous()
+        tables = meta.block_tables.contiguous()
+        kernels.library().paged_decode_attention(
+            len(queries), heads, kv_heads, head_dim, block_size, tables.shape[1], meta.scale, q.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), queries.data_ptr(), out.data_ptr())

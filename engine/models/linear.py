@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import kernels
+from engine.models import cpu_gemv
 from engine.quantization import KERNEL_DTYPE, QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -60,9 +62,12 @@ class Linear(nn.Linear):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.quantized = False
         self.packed: PackedWeight | None = None
+        self.gemv: cpu_gemv.GemvWeight | None = None  # our AVX2 kernels' layout of the same weight
         self._fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.plan: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []  # (up to rows, form)
+        self.plan_names: set[str] = set()
         self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +84,10 @@ class Linear(nn.Linear):
     def set_quantized(self, weight: QuantizedWeight) -> None:
         """Pack ``weight`` for the few-row kernels and make the dense weight the very values they multiply by
         (its scales rounded to bf16), so that which form serves a batch never changes the result."""
+        self.quantized = True
         self.packed = PackedWeight(weight)
+        if self.weight.device.type == "cpu" and kernels.library() and cpu_gemv.GemvWeight.supports(weight):
+            self.gemv = cpu_gemv.GemvWeight(weight)
         self.weight.data.copy_(weight.rounded().dequantize())
 
     def forms(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -91,10 +99,12 @@ class Linear(nn.Linear):
             forms["float32"] = self._float32
         if self.packed is not None:
             forms[f"int{self.packed.bits}"] = self._packed
+        if self.gemv is not None:
+            forms[f"int{self.gemv.bits}-avx2"] = self._gemv
         return forms
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        if not self.quantized:
             return F.linear(x, self.weight, self.bias)
         # Round input and output as the packed kernel does: greedy text must not depend on the batch size
         y = F.linear(x.to(KERNEL_DTYPE).to(x.dtype), self.weight).to(KERNEL_DTYPE).to(x.dtype)
@@ -107,12 +117,25 @@ class Linear(nn.Linear):
         y = self.packed(x).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gemv(x).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
     def set_plan(self, choice: list[tuple[int, str]]) -> None:
-        """Serve rows up to each bound from the named form; drop the float32 copy if no bound uses it."""
+        """Serve rows up to each bound from the named form."""
         forms = self.forms()
         self.plan = [(max_rows, forms[name]) for max_rows, name in choice]
-        if all(name != "float32" for _, name in choice):
+        self.plan_names = {name for _, name in choice}
+
+    def drop_unused_forms(self) -> None:
+        """Free the float32 copy and the packed layouts the plan does not use (each is a copy of the weight)."""
+        used = self.plan_names
+        if "float32" not in used:
             self._fp32 = None
+        if self.packed is not None and f"int{self.packed.bits}" not in used:
+            self.packed = None
+        if self.gemv is not None and f"int{self.gemv.bits}-avx2" not in used:
+            self.gemv = None
 
 
 class KernelProbe:
@@ -179,6 +202,7 @@ def plan_linear_kernels(model: nn.Module, max_rows: int) -> None:
             plan = probe.plan(layers)
             for layer in layers:
                 layer.set_plan(plan)
+                layer.drop_unused_forms()
             logger.info("CPU matmul %s %s (%d layers): %s", "x".join(map(str, shape)), str(dtype).removeprefix("torch."),
                         len(layers), ", ".join(f"{name} up to {rows} rows" if rows < 1 << 62 else f"{name} above"
                                                for rows, name in plan))
