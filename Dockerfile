@@ -11,10 +11,10 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/cache/huggingface PATH=/opt/venv/bin:$PATH
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi \
+# gcc: kvserve builds its own CPU kernels (engine/kernels, ~1 s) at the first start of a container.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+        $(command -v python3 >/dev/null || echo python3 python3-venv) \
+    && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
 # torch first, from the index matching the base (CPU or CUDA wheels); it is the big, rarely changing layer.
