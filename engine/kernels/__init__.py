@@ -1,5 +1,5 @@
 """Our own CPU kernels, in C (gemv.c: packed-weight matrix-vector products; attention.c: decode attention
-over the paged KV cache), built with the system's C compiler at first use and called through ctypes.
+over the paged KV cache; layers.c: fused residual add + RMSNorm, and the rotary embedding), built with the system's C compiler at first use and called through ctypes.
 
 A plain C library, not a PyTorch extension: it compiles in about a second (a C++ extension's headers take
 ~40 s), and it needs nothing from torch but data pointers. Built with ``-fopenmp`` it shares the OpenMP
@@ -26,11 +26,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "attention.c", "layers.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 I64, PTR, F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 SIGNATURES = {"gemv_int4": [I64, I64, I64, I64, PTR, PTR, PTR], "gemv_int8": [I64, I64, I64, I64, PTR, PTR, PTR],
-              "paged_decode_attention": [I64, I64, I64, I64, I64, I64, F32, PTR, PTR, PTR, PTR, PTR, PTR]}
+              "paged_decode_attention": [I64, I64, I64, I64, I64, I64, F32, PTR, PTR, PTR, PTR, PTR, PTR],
+              "add_rms_norm": [I64, I64, PTR, PTR, PTR, F32, PTR], "rope_rotate_half": [I64, I64, I64, I64, PTR, PTR, PTR]}
 
 
 def cache_dir() -> Path:

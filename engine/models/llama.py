@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from engine import kernels
 from engine.attention import AttentionMetadata
 from engine.config import head_dim
 from engine.models.linear import Linear
@@ -70,14 +71,33 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def native_cpu(x: torch.Tensor):
+    """engine/kernels' library where it serves ``x`` (float32 on CPU, eager; compiled code keeps torch's
+    ops so that inductor can fuse them), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return None
+    return kernels.library()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's add fused with the norm that follows
+        it. On CPU in float32 one call to layers.c does both, adding into ``residual`` in place."""
+        lib = native_cpu(x)
+        if lib is None:
+            if residual is not None:
+                x = x + residual
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps), x
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        lib.add_rms_norm(x.numel() // x.shape[-1], x.shape[-1], x.data_ptr(),
+                         None if residual is None else residual.data_ptr(), self.weight.data_ptr(), self.eps, out.data_ptr())
+        return out, x if residual is None else residual
 
 
 class Attention(nn.Module):
@@ -96,8 +116,17 @@ class Attention(nn.Module):
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         n = hidden.shape[0]
-        qk, v = self.qkv_proj(hidden).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk = apply_rope(qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim), rope)  # q and k in one go
+        qkv = self.qkv_proj(hidden)
+        lib = native_cpu(qkv)
+        if lib is None:
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            qk = apply_rope(qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim), rope)  # q and k in one go
+        else:  # rotated in place by layers.c
+            qkv = qkv.contiguous()
+            lib.rope_rotate_half(n, self.num_heads + self.num_kv_heads, self.head_dim, qkv.shape[1], qkv.data_ptr(),
+                                 rope[0].data_ptr(), rope[1].data_ptr())
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            qk = qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
@@ -128,9 +157,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, rope, hidden, kv_cache, meta):
-        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, rope, hidden, residual, kv_cache, meta):
+        """One layer on (its input's delta, the residual stream so far): returns the same pair for the next,
+        so that each residual add runs fused with the norm after it (the first layer has no residual yet)."""
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(self.self_attn(rope, hidden, kv_cache, meta), residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -143,12 +175,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches, meta):
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary(positions)
         rope = (cos.to(hidden.dtype), sin.to(hidden.dtype))
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(rope, hidden, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(rope, hidden, residual, kv_cache, meta)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
