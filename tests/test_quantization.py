@@ -4,7 +4,6 @@ batching, chunked prefill, preemption and the prefix cache), perplexity bounds, 
 
 from __future__ import annotations
 
-import logging
 import math
 
 import gguf
@@ -15,7 +14,6 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import LLM, SamplingParams
-from engine import kernels
 from engine.models import cpu_gemv
 from engine.models.gguf import iter_gguf_weights
 from engine.models.linear import KernelProbe, Linear
@@ -160,25 +158,6 @@ def test_own_kernels_equal_the_dense_weight_within_bf16_rounding(form):
         y = gemv(x)
         assert torch.equal(y, y.bfloat16().float())
         assert_within_bf16_rounding(y, F.linear(x, dense), x, dense)
-
-
-def test_own_kernels_build_once_into_the_cache_and_are_off_without_a_compiler(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("KVSERVE_CACHE", str(tmp_path))
-    kernels.library.cache_clear()
-    try:
-        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-        with caplog.at_level(logging.INFO):
-            assert kernels.library() is None
-        assert "own CPU kernels: off" in caplog.text
-        assert not list(tmp_path.glob("kernels/*"))  # no half-written library left behind
-        if AVX2:
-            monkeypatch.delenv("CC")
-            kernels.library.cache_clear()
-            assert kernels.library() is not None
-            built = list(tmp_path.glob("kernels/*"))
-            assert len(built) == 1 and built[0].suffix == ".so"
-    finally:
-        kernels.library.cache_clear()
 
 
 def hf_on_dequantized_weights(path: str, method: str, bf16_activations: bool = False) -> torch.nn.Module:

@@ -55,3 +55,38 @@ void rope_rotate_half(int64_t rows, int64_t heads, int64_t head_dim, int64_t row
         }
     }
 }
+
+/* exp(x) for 8 floats, to ~2 ulp: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p Cephes' degree-6
+ * polynomial; inputs clamped to where float32 neither overflows nor goes subnormal. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+/* out[m] = silu(gate) * up for rows of gate_up = [gate | up], `size` floats each half. */
+void silu_mul(int64_t rows, int64_t size, const float *gate_up, float *out) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (int64_t m = 0; m < rows; ++m) {
+        const float *gate = gate_up + 2 * m * size, *up = gate + size;
+        float *om = out + m * size;
+        int64_t i = 0;
+        for (; i + 8 <= size; i += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + i);
+            const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+            _mm256_storeu_ps(om + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+        }
+        for (; i < size; ++i) om[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+    }
+}

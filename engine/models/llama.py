@@ -145,8 +145,15 @@ class MLP(nn.Module):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        lib = native_cpu(gate_up)
+        if lib is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        gate_up = gate_up.contiguous()
+        act = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        lib.silu_mul(act.shape[0], act.shape[1], gate_up.data_ptr(), act.data_ptr())  # layers.c
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
