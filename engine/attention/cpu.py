@@ -176,6 +176,7 @@ class SdpaBackend(AttentionBackend):
         return out
 
     @staticmethod
+    @kernels.eager_only
     def _native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 out: torch.Tensor) -> None:
         """The short queries' rows of ``out``, from attention.c."""

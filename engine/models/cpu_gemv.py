@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import library
+from engine.kernels import eager_only, library
 from engine.quantization import QuantizedWeight
 
 
@@ -50,6 +50,7 @@ class GemvWeight:
     def supports(weight: QuantizedWeight) -> bool:
         return weight.bits == 8 or weight.q.shape[0] == 1 or GemvWeight.is_q8_0(weight.rounded())
 
+    @eager_only
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (any float dtype) to y [M, N] float32, both bf16-rounded as the packed kernels' are."""
         x = x.float().contiguous()
