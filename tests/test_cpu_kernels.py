@@ -10,9 +10,11 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import LLM, SamplingParams, kernels
+from engine.models.cpu_gemv import Bf16Weight
+from engine.models.linear import KernelProbe, Linear
 from engine.models.llama import RMSNorm, apply_rope
 from test_model_exactness import PROMPTS
 
@@ -75,6 +77,22 @@ def test_rope_in_place_equals_apply_rope():
 
 
 @needs_avx2
+def test_bf16_valued_float32_weights_are_read_as_bf16_with_float32_results():
+    """A bf16 checkpoint served in float32: gemv_bf16 reads half the bytes and gives the float32 product up
+    to summation order, for 1-9 rows and an odd number of outputs; other float32 weights are not offered it."""
+    torch.manual_seed(0)
+    weight = torch.randn(33, 96).bfloat16().float()
+    assert Bf16Weight.supports(weight) and not Bf16Weight.supports(weight + 1e-3)
+    kernel = Bf16Weight(weight)
+    for rows in range(1, 10):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(kernel(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    layers = [Linear(96, 33, bias=False) for _ in range(2)]
+    layers[0].weight.data.copy_(weight)
+    assert "bf16-avx2" in layers[0].forms() and "bf16-avx2" not in layers[1].forms()
+
+
+@needs_avx2
 def test_silu_mul_equals_torch():
     torch.manual_seed(0)
     gate_up = torch.cat([torch.randn(3, 1539) * 6, torch.tensor([[-120.0, 95.0, 0.0]]).expand(3, 3)], dim=1)
@@ -86,21 +104,36 @@ def test_silu_mul_equals_torch():
 
 
 @needs_avx2
-@pytest.mark.parametrize("quantization", ["none", "int4"])
-def test_engine_with_kernels_equals_engine_without(quantization, tiny_model, monkeypatch):
-    """Every kernel at once (packed products, decode attention, norms, RoPE, SiLU) against PyTorch's ops alone:
-    the same greedy tokens, through prefill and decode steps, and the same logprobs: within float32 noise
-    unquantized; quantized, the packed products' bf16 outputs differ from PyTorch's kernel wherever a
-    different summation order rounds to the neighbouring bf16 value (about 1 output in 5,000), which this
-    random model's large logits turn into up to ~0.06 nats."""
+@pytest.mark.parametrize("quantization", ["none", "bf16-values", "int4"])
+def test_engine_with_kernels_equals_engine_without(quantization, tiny_model, monkeypatch, tmp_path):
+    """Every kernel at once (packed or bf16 products, decode attention, norms, RoPE, SiLU) against PyTorch's
+    ops alone: the same greedy tokens, through prefill and decode steps, and the same logprobs: within float32
+    noise unquantized (``bf16-values``: the tiny model's weights rounded to bf16, so that gemv_bf16 serves
+    them); quantized, the packed products' bf16 outputs differ from PyTorch's kernel wherever a different
+    summation order rounds to the neighbouring bf16 value (about 1 output in 5,000), which this random
+    model's large logits turn into up to ~0.06 nats."""
     path = str(tiny_model("llama"))
     tok = AutoTokenizer.from_pretrained(path)
     prompts = [tok.encode(p) for p in PROMPTS]
+    if quantization == "bf16-values":
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        for p in hf.parameters():
+            p.data = p.data.bfloat16().float()
+        hf.save_pretrained(tmp_path)
+        tok.save_pretrained(tmp_path)
+        path, quantization = str(tmp_path), "none"
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+
+    def our_kernels_for_decode_rows(probe, layers):  # not left to the probe's timing on a tiny model
+        ours = [name for name in layers[0].forms() if name.endswith("-avx2")]
+        return [(4, ours[0]), (1 << 62, "dense")] if ours else [(1 << 62, "dense")]
+    monkeypatch.setattr(KernelProbe, "plan", our_kernels_for_decode_rows)
     runs = []
     for library in (kernels.library, lambda: None):
         monkeypatch.setattr(kernels, "library", library)
         llm = LLM(path, quantization=quantization, kv_cache_memory="16MiB")
+        forms = {name for layer in llm.engine.model.modules() if isinstance(layer, Linear) for name in layer.plan_names}
+        assert ("bf16-avx2" in forms) == (library is kernels.library and path == str(tmp_path)), forms
         runs.append(llm.generate(prompt_token_ids=prompts, sampling_params=params))
     with_kernels, without = runs
     assert [o.token_ids for o in with_kernels] == [o.token_ids for o in without]

@@ -1,4 +1,4 @@
-"""Our own CPU kernels, in C (gemv.c: packed-weight matrix-vector products; attention.c: decode attention
+"""Our own CPU kernels, in C (gemv.c: matrix-vector products of packed and of bf16 weights; attention.c: decode attention
 over the paged KV cache; layers.c: fused residual add + RMSNorm, the rotary embedding, SiLU-and-multiply), built with the system's C compiler at first use and called through ctypes.
 
 A plain C library, not a PyTorch extension: it compiles in about a second (a C++ extension's headers take
@@ -30,6 +30,7 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "attention
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 I64, PTR, F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 SIGNATURES = {"gemv_int4": [I64, I64, I64, I64, PTR, PTR, PTR], "gemv_int8": [I64, I64, I64, I64, PTR, PTR, PTR],
+              "gemv_bf16": [I64, I64, I64, PTR, PTR, PTR],
               "paged_decode_attention": [I64, I64, I64, I64, I64, I64, F32, PTR, PTR, PTR, PTR, PTR, PTR],
               "add_rms_norm": [I64, I64, PTR, PTR, PTR, F32, PTR], "rope_rotate_half": [I64, I64, I64, I64, PTR, PTR, PTR],
               "silu_mul": [I64, I64, PTR, PTR]}

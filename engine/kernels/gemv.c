@@ -12,6 +12,9 @@
  * - int4: bf16 scale, bf16 zero, then group_size / 2 bytes; byte 8 * c + i of them holds input 16 * c + i
  *   of the group in its low nibble and 16 * c + i + 8 in its high one. w = (q - 8) * scale + zero.
  * - int8: bf16 scale, then group_size signed bytes. w = q * scale.
+ * gemv_bf16 is the exception: float32 weights that are exactly bf16 values (a bf16 checkpoint served in
+ * float32), stored as their bf16 halves and read back exactly, against float32 inputs with no rounding, so
+ * that it equals the float32 product up to summation order while reading half the bytes.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -158,4 +161,31 @@ void gemv_int8(int64_t M, int64_t K, int64_t N, int64_t group_size, const float 
 #define INT8_CALL(R) int8_row(R, K, groups, group_size, xr + m0 * K, q + n * row_bytes, y + m0 * N + n, N)
     FOR_TILES(1, INT8_CALL)
     free(xr);
+}
+
+/* `cols` output rows of bf16 weights against `rows` float32 input rows (no rounding either side). */
+static inline __attribute__((always_inline)) void bf16_tile(int cols, int rows, int64_t K, const float *x,
+                                                            const uint16_t *w, float *y, int64_t N) {
+    __m256 acc[2][MAX_ROWS][2];
+    for (int j = 0; j < cols; ++j)
+        for (int m = 0; m < rows; ++m) acc[j][m][0] = acc[j][m][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16)
+        for (int j = 0; j < cols; ++j) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + j * K + k));
+            const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16));
+            const __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
+            for (int m = 0; m < rows; ++m) {
+                acc[j][m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * K + k), acc[j][m][0]);
+                acc[j][m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * K + k + 8), acc[j][m][1]);
+            }
+        }
+    for (int j = 0; j < cols; ++j)
+        for (int m = 0; m < rows; ++m) y[m * N + j] = hsum(_mm256_add_ps(acc[j][m][0], acc[j][m][1]));
+}
+
+/* y[M, N] = x[M, K] @ w.T for bf16 weights w [N, K], K a multiple of 16. */
+void gemv_bf16(int64_t M, int64_t K, int64_t N, const float *x, const uint16_t *w, float *y) {
+#define BF16_TILE(C, R) bf16_tile(C, R, K, x + m0 * K, w + n * K, y + m0 * N + n, N)
+#define BF16_CALL(R) if (R == 1 && n + 1 < N) BF16_TILE(2, 1); else BF16_TILE(1, R)
+    FOR_TILES((rows == 1 ? 2 : 1), BF16_CALL)
 }

@@ -1,4 +1,4 @@
-"""Packed weights in the layout of our AVX2 matrix-vector kernels (engine/kernels/gemv.c)."""
+"""Weights in the layouts of our AVX2 matrix-vector kernels (engine/kernels/gemv.c): packed, and bf16."""
 
 from __future__ import annotations
 
@@ -57,4 +57,27 @@ class GemvWeight:
         y = torch.empty(x.shape[0], self.out_features)
         kernel = library().gemv_int4 if self.bits == 4 else library().gemv_int8
         kernel(x.shape[0], x.shape[1], self.out_features, self.group_size, x.data_ptr(), self.blocks.data_ptr(), y.data_ptr())
+        return y
+
+
+class Bf16Weight:
+    """A float32 weight whose every value is a bf16 one (a bf16 checkpoint served in float32, as on CPU by
+    default), kept as its bf16 halves for gemv_bf16: the float32 product up to summation order (inputs and
+    outputs are not rounded), from half the bytes."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.to(torch.bfloat16).contiguous()
+        self.nbytes = self.weight.numel() * 2
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[1] % 16 == 0
+                and torch.equal(weight, weight.bfloat16().float()))
+
+    @eager_only
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 to y [M, N] float32."""
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.weight.shape[0])
+        library().gemv_bf16(x.shape[0], x.shape[1], self.weight.shape[0], x.data_ptr(), self.weight.data_ptr(), y.data_ptr())
         return y

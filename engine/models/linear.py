@@ -66,6 +66,8 @@ class Linear(nn.Linear):
         self.packed: PackedWeight | None = None
         self.gemv: cpu_gemv.GemvWeight | None = None  # our AVX2 kernels' layout of the same weight
         self._fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._bf16: cpu_gemv.Bf16Weight | None = None
+        self._bf16_checked = False  # whether a float32 weight was checked for being all bf16 values
         self.plan: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []  # (up to rows, form)
         self.plan_names: set[str] = set()
         self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -97,6 +99,12 @@ class Linear(nn.Linear):
             if self._fp32 is None:
                 self._fp32 = (self.weight.detach().float(), None if self.bias is None else self.bias.detach().float())
             forms["float32"] = self._float32
+        if not self._bf16_checked:
+            self._bf16_checked = True
+            if not self.quantized and kernels.library() and cpu_gemv.Bf16Weight.supports(self.weight):
+                self._bf16 = cpu_gemv.Bf16Weight(self.weight.detach())
+        if self._bf16 is not None:
+            forms["bf16-avx2"] = self._bf16_gemv
         if self.packed is not None:
             forms[f"int{self.packed.bits}"] = self._packed
         if self.gemv is not None:
@@ -121,6 +129,10 @@ class Linear(nn.Linear):
         y = self.gemv(x).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+    def _bf16_gemv(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._bf16(x)
+        return y if self.bias is None else y + self.bias
+
     def set_plan(self, choice: list[tuple[int, str]]) -> None:
         """Serve rows up to each bound from the named form."""
         forms = self.forms()
@@ -136,6 +148,14 @@ class Linear(nn.Linear):
             self.packed = None
         if self.gemv is not None and f"int{self.gemv.bits}-avx2" not in used:
             self.gemv = None
+        if "bf16-avx2" not in used:
+            self._bf16 = None
+
+
+def is_vector_form(name: str) -> bool:
+    """A matrix-vector kernel (packed, or ours): it serves a prefix of the row counts, since once a GEMM
+    beats it a larger batch only widens the gap."""
+    return name.startswith("int") or name.endswith("-avx2")
 
 
 class KernelProbe:
@@ -163,7 +183,7 @@ class KernelProbe:
                 give_up = GIVE_UP * min(times.values(), default=float("inf"))
                 times[name] = self._time([layer.forms()[name] for layer in layers], x, give_up)
             winner = min(times, key=times.get)
-            alive = {name for name in alive if name == winner or not name.startswith("int")}
+            alive = {name for name in alive if name == winner or not is_vector_form(name)}
             best.append((rows, winner))
         best.append((1 << 62, next(iter(alive)) if len(alive) == 1 else winner))  # and everything above
         plan = []  # merge neighbours that chose the same form
