@@ -128,12 +128,12 @@ def test_engine_with_kernels_equals_engine_without(quantization, tiny_model, mon
         ours = [name for name in layers[0].forms() if name.endswith("-avx2")]
         return [(4, ours[0]), (1 << 62, "dense")] if ours else [(1 << 62, "dense")]
     monkeypatch.setattr(KernelProbe, "plan", our_kernels_for_decode_rows)
-    runs = []
-    for library in (kernels.library, lambda: None):
+    runs, real = [], kernels.library
+    for library in (real, lambda: None):
         monkeypatch.setattr(kernels, "library", library)
         llm = LLM(path, quantization=quantization, kv_cache_memory="16MiB")
         forms = {name for layer in llm.engine.model.modules() if isinstance(layer, Linear) for name in layer.plan_names}
-        assert ("bf16-avx2" in forms) == (library is kernels.library and path == str(tmp_path)), forms
+        assert ("bf16-avx2" in forms) == (library is real and path == str(tmp_path)), forms
         runs.append(llm.generate(prompt_token_ids=prompts, sampling_params=params))
     with_kernels, without = runs
     assert [o.token_ids for o in with_kernels] == [o.token_ids for o in without]
