@@ -38,12 +38,18 @@ SIGNATURES = {"gemv_int4": [I64, I64, I64, I64, PTR, PTR, PTR], "gemv_int8": [I6
 
 def eager_only(fn):
     """``fn`` (a ctypes call) as it is in eager mode; under torch.compile, behind a graph break, since dynamo
-    cannot trace into C (``torch.compiler.disable`` alone would add ~1 us to every eager call)."""
-    disabled = torch.compiler.disable(fn)
+    cannot trace into C. (``torch.compiler.disable`` alone would add ~1 us to every eager call; it is made
+    at the first compiled call, since making it imports dynamo, and with it Triton, which must not happen
+    at import: the interpreter tests set Triton's mode before they import it.)"""
+    disabled = []
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        return disabled(*args, **kwargs) if torch.compiler.is_compiling() else fn(*args, **kwargs)
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
     return call
 
 
