@@ -72,7 +72,9 @@ def test_rope_in_place_equals_apply_rope():
     rotated = qkv.clone()
     kernels.library().rope_rotate_half(rows, heads + kv_heads, dim, rotated.shape[1], rotated.data_ptr(),
                                        cos.data_ptr(), sin.data_ptr())
-    torch.testing.assert_close(rotated[:, :(heads + kv_heads) * dim].view_as(expected), expected, rtol=1e-6, atol=1e-6)
+    # bit for bit: with one rounding less (a fused multiply-add), the embedded model's greedy answer to the
+    # README's question changed, since its packed layers round every input to bf16 and so amplify 1-ulp changes
+    assert torch.equal(rotated[:, :(heads + kv_heads) * dim].view_as(expected), expected)
     assert torch.equal(rotated[:, (heads + kv_heads) * dim:], qkv[:, (heads + kv_heads) * dim:])  # v untouched
 
 
