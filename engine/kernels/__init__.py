@@ -27,6 +27,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "attention.c", "layers.c"))
+# No implicit FMA contraction: scalar code rounds as PyTorch's ops do (explicit _mm256_fmadd_ps stays fused).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 I64, PTR, F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 SIGNATURES = {"gemv_int4": [I64, I64, I64, I64, PTR, PTR, PTR], "gemv_int8": [I64, I64, I64, I64, PTR, PTR, PTR],
